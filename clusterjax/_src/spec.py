@@ -1,0 +1,148 @@
+"""`ClusterSpec`: the static, per-leaf description of how a weight is clustered."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import numpy as np
+
+INIT_METHODS = ("linear", "random", "density", "kmeans++", "kmeans")
+GRANULARITIES = ("tensor", "channel", "group")
+AGGREGATIONS = ("mean", "sum")
+
+InitMethod = Literal["linear", "random", "density", "kmeans++", "kmeans"]
+Granularity = Literal["tensor", "channel", "group"]
+Aggregation = Literal["mean", "sum"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClusterSpec:
+    """How one weight tensor is clustered. Frozen, hashable and static under `jax.jit`.
+
+    Attributes:
+      num_clusters: K, the number of centroids per table (an `int >= 1`, `>= 2` with
+        `preserve_sparsity`).
+      init: centroid initialization, one of `"linear"` (evenly spaced over [min, max]),
+        `"random"` (uniform in [min, max]), `"density"` (quantiles of the empirical CDF
+        at `(i + 0.5) / K`), `"kmeans++"` (D^2 seeding) or `"kmeans"` (k-means++ seeding
+        refined by Lloyd iterations to convergence).
+      granularity: `"tensor"` (one table for the whole leaf), `"channel"` (one table per
+        index along `channel_axis`) or `"group"` (one table per `group_size` consecutive
+        channels along `channel_axis`).
+      channel_axis: the channel axis for `"channel"` / `"group"`. Flax kernels are laid
+        out `(..., in, out)`, so the default `-1` means output channels.
+      group_size: channels per table for `granularity="group"`; must divide the size of
+        `channel_axis`.
+      preserve_sparsity: keep the weights that are exactly zero at `init` exactly zero
+        through training. Reserves centroid 0 of every table as a fixed zero centroid.
+      gradient_aggregation: `"mean"` divides each centroid's gradient by its cluster size
+        in `clusterjax.optimizer`; `"sum"` keeps the plain (segment-sum) gradient.
+      update_indices: re-assign weights to their nearest centroid after every optimizer
+        step (differentiable training). `False` freezes the indices found at `init`.
+
+    Example:
+      >>> import clusterjax as cj
+      >>> spec = cj.ClusterSpec(num_clusters=16, init="kmeans++", granularity="channel")
+      >>> spec.bits
+      4
+    """
+
+    num_clusters: int
+    init: InitMethod = "kmeans++"
+    granularity: Granularity = "tensor"
+    channel_axis: int = -1
+    group_size: int | None = None
+    preserve_sparsity: bool = False
+    gradient_aggregation: Aggregation = "mean"
+    update_indices: bool = True
+
+    def __post_init__(self):
+        k = self.num_clusters
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+            raise ValueError(
+                f"ClusterSpec(num_clusters={k!r}): num_clusters must be an int, got "
+                f"{type(k).__name__}. Fix: ClusterSpec(num_clusters=16)."
+            )
+        object.__setattr__(self, "num_clusters", int(k))
+        minimum = 2 if self.preserve_sparsity else 1
+        if k < minimum:
+            why = " with preserve_sparsity=True (centroid 0 is the fixed zero)" if minimum == 2 else ""
+            raise ValueError(
+                f"ClusterSpec(num_clusters={k}): num_clusters must be >= {minimum}{why}."
+            )
+        if k > 2**31 - 1:
+            raise ValueError(f"ClusterSpec(num_clusters={k}): num_clusters is too large.")
+        _check_choice("init", self.init, INIT_METHODS)
+        _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("gradient_aggregation", self.gradient_aggregation, AGGREGATIONS)
+        if isinstance(self.channel_axis, bool) or not isinstance(
+            self.channel_axis, (int, np.integer)
+        ):
+            raise ValueError(
+                f"ClusterSpec(channel_axis={self.channel_axis!r}): channel_axis must be an int."
+            )
+        object.__setattr__(self, "channel_axis", int(self.channel_axis))
+        if self.granularity == "group":
+            g = self.group_size
+            if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 1:
+                raise ValueError(
+                    f"ClusterSpec(granularity='group', group_size={g!r}): group needs an "
+                    "int group_size >= 1. Fix: ClusterSpec(num_clusters=16, "
+                    "granularity='group', group_size=8)."
+                )
+            object.__setattr__(self, "group_size", int(g))
+        elif self.group_size is not None:
+            raise ValueError(
+                f"ClusterSpec(group_size={self.group_size!r}) is only used with "
+                f"granularity='group', but granularity={self.granularity!r}."
+            )
+        for name in ("preserve_sparsity", "update_indices"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(
+                    f"ClusterSpec({name}={getattr(self, name)!r}): {name} must be a bool."
+                )
+            object.__setattr__(self, name, bool(getattr(self, name)))
+
+    @property
+    def bits(self) -> int:
+        """Bits needed per index: `ceil(log2(K))`, at least 1."""
+        return index_bits(self.num_clusters)
+
+    @property
+    def index_dtype(self) -> np.dtype:
+        """The smallest unsigned integer dtype that holds indices `0 .. K-1`."""
+        return index_dtype(self.num_clusters)
+
+
+def _check_choice(field: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(
+            f"ClusterSpec({field}={value!r}): unknown {field}; allowed values are "
+            + ", ".join(repr(a) for a in allowed)
+            + "."
+        )
+
+
+def index_bits(num_clusters: int) -> int:
+    """`ceil(log2(K))`, at least 1: the bits a packed index takes."""
+    return max(1, int(num_clusters - 1).bit_length())
+
+
+def index_dtype(num_clusters: int) -> np.dtype:
+    """Smallest unsigned integer dtype holding `0 .. num_clusters - 1`."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if num_clusters - 1 <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    raise ValueError(f"num_clusters={num_clusters} does not fit in uint32 indices.")
+
+
+# A ClusterSpec is static configuration: register it as a pytree node with no children,
+# so that it can sit inside `ClusterState.specs` and travel through jit as part of the
+# tree structure (it is hashable and compared by value).
+jax.tree_util.register_pytree_node(
+    ClusterSpec,
+    lambda spec: ((), spec),
+    lambda spec, _: spec,
+)
