@@ -1,6 +1,37 @@
-"""clusterjax: weight clustering (weight sharing, palettization) for JAX and Flax."""
+"""clusterjax: weight clustering (weight sharing, palettization) for JAX and Flax.
 
+Pure functions over pytrees: `init` builds a `ClusterState` (centroids, indices, masks)
+for selected leaves of a params pytree, `apply` maps params to clustered params with a
+straight-through gradient, `optimizer` wraps an optax transform for clustered training,
+and `strip` returns plain dense params. See README.md for the train step.
+"""
+
+from clusterjax._src.adapters import nnx_merge as nnx_merge
+from clusterjax._src.adapters import wrap_apply as wrap_apply
+from clusterjax._src.core import ClusterState as ClusterState
+from clusterjax._src.core import apply as apply
+from clusterjax._src.core import init as init
+from clusterjax._src.core import strip as strip
+from clusterjax._src.core import update_indices as update_indices
+from clusterjax._src.optimizer import ClusterOptimizerState as ClusterOptimizerState
+from clusterjax._src.optimizer import optimizer as optimizer
 from clusterjax._src.spec import ClusterSpec as ClusterSpec
 from clusterjax._src.straight_through import straight_through as straight_through
+from clusterjax._src.tree import path_str as path_str
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ClusterOptimizerState",
+    "ClusterSpec",
+    "ClusterState",
+    "apply",
+    "init",
+    "nnx_merge",
+    "optimizer",
+    "path_str",
+    "straight_through",
+    "strip",
+    "update_indices",
+    "wrap_apply",
+]

@@ -68,7 +68,11 @@ class ClusterSpec:
         object.__setattr__(self, "num_clusters", int(k))
         minimum = 2 if self.preserve_sparsity else 1
         if k < minimum:
-            why = " with preserve_sparsity=True (centroid 0 is the fixed zero)" if minimum == 2 else ""
+            why = (
+                " with preserve_sparsity=True (centroid 0 is the fixed zero)"
+                if minimum == 2
+                else ""
+            )
             raise ValueError(
                 f"ClusterSpec(num_clusters={k}): num_clusters must be >= {minimum}{why}."
             )

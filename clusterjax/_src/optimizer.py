@@ -1,0 +1,175 @@
+"""`clusterjax.optimizer`: the optax transform of a clustered train step.
+
+The transform optimizes the pair `(params, state)`: the dense weights and the
+`ClusterState` (whose centroids are trainable). One `update` call
+
+1. divides each centroid's gradient by its cluster size where the leaf's
+   `gradient_aggregation` is "mean" (`scale_by_cluster_size`; empty clusters get 0);
+2. runs the inner optax transform on `(param_grads, centroid_grads)`;
+3. multiplies weight updates by the sparsity masks and zeroes the update of the fixed
+   zero centroid (`mask_sparse_updates`), so pruned weights stay exactly zero even with
+   momentum or weight decay;
+4. re-assigns every weight to its nearest centroid, using the updated weights and
+   centroids, and returns the change of the indices as their update (modulo the index
+   dtype), so that `optax.apply_updates((params, state), updates)` lands on the new
+   indices. Leaves with `update_indices=False` get a zero update.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from clusterjax._src import core
+from clusterjax._src.core import ClusterState
+
+PyTree = Any
+
+
+class ClusterOptimizerState(NamedTuple):
+    """State of `clusterjax.optimizer`: just the inner transform's state."""
+
+    inner_state: optax.OptState
+
+
+def _split_pair(tree: Any, what: str, caller: str) -> tuple[PyTree, ClusterState]:
+    if isinstance(tree, (tuple, list)) and len(tree) == 2 and isinstance(tree[1], ClusterState):
+        return tree[0], tree[1]
+    raise ValueError(
+        f"{caller}: {what} must be the pair (params, state) with state a cj.ClusterState; "
+        f"got {type(tree).__name__}. Fix: opt_state = tx.init((params, state)) and "
+        "updates, opt_state = tx.update(grads, opt_state, (params, state))."
+    )
+
+
+def _centroid_grads(grads: Any, caller: str) -> tuple[PyTree, PyTree]:
+    """(param_grads, centroid_grads) from grads of (params, state) or (params, centroids)."""
+    if not (isinstance(grads, (tuple, list)) and len(grads) == 2):
+        raise ValueError(
+            f"{caller}: grads must be the pair (param_grads, state_grads), as returned by "
+            "jax.grad(loss_fn, allow_int=True)((params, state)); got "
+            f"{type(grads).__name__}."
+        )
+    g_params, g_state = grads
+    if isinstance(g_state, ClusterState):
+        return g_params, g_state.centroids
+    return g_params, g_state
+
+
+def _counts(leaf, indices: jax.Array) -> jax.Array:
+    """Cluster sizes, shaped like the leaf's centroid table."""
+    k = leaf.spec.num_clusters
+    segments = (
+        (leaf.base() + indices.astype(jnp.int32)).reshape(-1)
+        if leaf.axis is not None
+        else (indices.astype(jnp.int32).reshape(-1))
+    )
+    ones = jnp.ones(segments.shape, jnp.float32)
+    counts = jax.ops.segment_sum(ones, segments, num_segments=leaf.num_groups * k)
+    return counts.reshape(leaf.table_shape)
+
+
+def _scale_centroid_grads(params, state, g_centroids):
+    leaves = list(core._leaves(params, state, "cj.optimizer"))
+    flat_g = core.flatten_like(params, g_centroids, "centroid grads")
+    out = []
+    for (_, leaf, _w, _c, i, _m), g in zip(leaves, flat_g):
+        if leaf is None or g is None or leaf.spec.gradient_aggregation != "mean":
+            out.append(g)
+            continue
+        counts = _counts(leaf, i)
+        out.append(jnp.where(counts > 0, g / jnp.maximum(counts, 1.0).astype(g.dtype), 0))
+    treedef = jax.tree.structure(params, is_leaf=lambda x: x is None)
+    return jax.tree.unflatten(treedef, out)
+
+
+def _mask_updates(params, state, u_params, u_centroids):
+    leaves = list(core._leaves(params, state, "cj.optimizer"))
+    flat_up = core.flatten_like(params, u_params, "param updates")
+    flat_uc = core.flatten_like(params, u_centroids, "centroid updates")
+    new_up, new_uc = [], []
+    for (_, leaf, _w, _c, _i, m), up, uc in zip(leaves, flat_up, flat_uc):
+        if leaf is not None and m is not None:
+            up = jnp.where(m, up, jnp.zeros((), up.dtype))
+            if uc is not None:
+                uc = uc.at[..., 0].set(0)
+        new_up.append(up)
+        new_uc.append(uc)
+    treedef = jax.tree.structure(params, is_leaf=lambda x: x is None)
+    return jax.tree.unflatten(treedef, new_up), jax.tree.unflatten(treedef, new_uc)
+
+
+def _index_updates(params, state, u_params, u_centroids):
+    """Updates for (indices, masks): new - old indices (mod the dtype), zero masks."""
+    new_params = optax.apply_updates(params, u_params)
+    new_centroids = optax.apply_updates(state.centroids, u_centroids)
+    new_state = core.update_indices(new_params, state._replace(centroids=new_centroids))
+    d_indices = jax.tree.map(
+        lambda new, old: (new - old).astype(old.dtype), new_state.indices, state.indices
+    )
+    d_masks = jax.tree.map(jnp.zeros_like, state.masks)
+    return d_indices, d_masks
+
+
+def optimizer(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """Wraps an optax transform for clustered training of `(params, state)`.
+
+    Args:
+      inner: any optax transform (e.g. `optax.adam(1e-3)`, or a chain with clipping and
+        a schedule). It sees the pair `(param_grads, centroid_grads)` after centroid
+        gradients were averaged by cluster size, and its extra keyword arguments are
+        forwarded.
+
+    Returns:
+      A `GradientTransformationExtraArgs` whose `init` takes `(params, state)` and whose
+      `update(grads, opt_state, (params, state))` takes the gradients of
+      `(params, state)` (`jax.grad(..., allow_int=True)`; a pair
+      `(param_grads, centroid_grads)` works as well). The updates cover params,
+      centroids and indices: `optax.apply_updates((params, state), updates)` applies
+      the step and the nearest-centroid re-assignment at once.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import clusterjax as cj
+      >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
+      >>> state = cj.init(params, cj.ClusterSpec(num_clusters=4), key=jax.random.key(1))
+      >>> tx = cj.optimizer(optax.adam(1e-2))
+      >>> opt_state = tx.init((params, state))
+      >>> loss = lambda p, s: jnp.sum(cj.apply(p, s)["w"] ** 2)
+      >>> grads = jax.grad(loss, argnums=(0, 1), allow_int=True)(params, state)
+      >>> updates, opt_state = tx.update(grads, opt_state, (params, state))
+      >>> params, state = optax.apply_updates((params, state), updates)
+      >>> state.indices["w"].dtype
+      dtype('uint8')
+    """
+
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(trainable):
+        params, state = _split_pair(trainable, "the argument of init", "cj.optimizer.init")
+        return ClusterOptimizerState(inner.init((params, state.centroids)))
+
+    def update_fn(grads, opt_state, trainable=None, **extra_args):
+        if trainable is None:
+            raise ValueError(
+                "cj.optimizer.update needs the current (params, state) as its third "
+                "argument: tx.update(grads, opt_state, (params, state))."
+            )
+        params, state = _split_pair(trainable, "the params argument", "cj.optimizer.update")
+        g_params, g_centroids = _centroid_grads(grads, "cj.optimizer.update")
+        g_centroids = _scale_centroid_grads(params, state, g_centroids)
+        (u_params, u_centroids), inner_state = inner.update(
+            (g_params, g_centroids),
+            opt_state.inner_state,
+            (params, state.centroids),
+            **extra_args,
+        )
+        u_params, u_centroids = _mask_updates(params, state, u_params, u_centroids)
+        d_indices, d_masks = _index_updates(params, state, u_params, u_centroids)
+        state_updates = ClusterState(u_centroids, d_indices, d_masks, state.specs)
+        return (u_params, state_updates), ClusterOptimizerState(inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

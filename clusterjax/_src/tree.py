@@ -1,0 +1,91 @@
+"""Pytree helpers: '/'-joined leaf paths and walking params alongside a ClusterState."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+
+
+def path_str(path: Iterable[Any]) -> str:
+    """Joins a `jax.tree_util` key path with '/': the name rules are matched against.
+
+    Dict keys and attribute names give their name, sequence positions their index. A
+    trailing `.value` (the array inside an nnx `Variable`) is dropped, so an nnx model and
+    the equivalent linen model have the same paths.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import clusterjax as cj
+      >>> params = {"Dense_0": {"kernel": jnp.zeros((2, 3))}, "blocks": [jnp.zeros(4)]}
+      >>> [cj.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+      ['Dense_0/kernel', 'blocks/0']
+    """
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            parts.append(str(key.name))
+        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(key.key))
+        else:
+            parts.append(str(key))
+    if (
+        len(parts) > 1
+        and parts[-1] == "value"
+        and isinstance(list(path)[-1], jax.tree_util.GetAttrKey)
+    ):
+        parts.pop()
+    return "/".join(parts)
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
+    """`(path_str, leaf)` for every leaf of `tree`, `None` leaves included, in order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)
+    return [(path_str(p), leaf) for p, leaf in flat]
+
+
+def flatten_like(params: Any, tree: Any, field: str) -> list[Any]:
+    """Flattens `tree` (a state field) to one entry per leaf of `params`.
+
+    Raises a `ValueError` naming the first path where the structures differ.
+    """
+    p_flat, p_def = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_none)
+    try:
+        return p_def.flatten_up_to(tree)
+    except (ValueError, TypeError) as err:
+        t_paths = [
+            path_str(p)
+            for p, _ in jax.tree_util.tree_flatten_with_path(
+                tree, is_leaf=lambda x: x is None or _is_static_spec(x)
+            )[0]
+        ]
+        p_paths = [path_str(p) for p, _ in p_flat]
+        missing = [p for p in p_paths if p not in set(t_paths)]
+        extra = [p for p in t_paths if p not in set(p_paths)]
+        detail = []
+        if missing:
+            detail.append(f"params leaf {missing[0]!r} has no entry in state.{field}")
+        if extra:
+            detail.append(f"state.{field} has {extra[0]!r}, which params do not have")
+        if not detail:
+            detail.append(f"the tree types differ ({err})")
+        raise ValueError(
+            f"ClusterState does not match params: {'; '.join(detail)}. A ClusterState "
+            "only fits the params it was made for: call cj.init(params, spec, key=key) "
+            "again for these params."
+        ) from None
+
+
+def _is_static_spec(x: Any) -> bool:
+    from clusterjax._src.spec import ClusterSpec
+
+    return isinstance(x, ClusterSpec)

@@ -1,0 +1,105 @@
+"""Nearest-centroid assignment against the brute-force N x K reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from clusterjax._src.assign import nearest, nearest_reference
+
+finite32 = st.floats(-1e3, 1e3, width=32, allow_subnormal=False)
+
+
+_nearest_jit = jax.jit(nearest)
+
+
+def _nearest_padded(x, table):
+    """One compiled program for all hypothesis examples: pad x with zeros and the table
+    with copies of its first centroid (a duplicate never wins: lowest index does)."""
+    x = np.asarray(x, np.float32)
+    xp = np.zeros(1728, np.float32)
+    xp[: x.size] = x.reshape(-1)
+    tp = np.full((1, 64), table[0], np.float32)
+    tp[0, : table.size] = table
+    return np.asarray(_nearest_jit(jnp.asarray(xp), jnp.asarray(tp)))[: x.size].reshape(x.shape)
+
+
+def _check(x, tables, groups=None, base=0, got=None):
+    if got is None:
+        got = np.asarray(nearest(jnp.asarray(x), jnp.asarray(tables), base))
+    ref = nearest_reference(x, tables, groups)
+    assert got.shape == np.shape(x)
+    if groups is None:
+        groups = np.zeros(np.shape(x), np.int64)
+    t = np.asarray(tables, np.float32)
+    xf = np.asarray(x, np.float32)
+    d_got = np.abs(xf - t[groups, got])
+    d_ref = np.abs(xf - t[groups, ref])
+    differ = got != ref
+    # Only float32 near-ties may differ: both centroids equally near in float32.
+    np.testing.assert_array_equal(d_got[differ], d_ref[differ])
+    assert differ.mean() < 0.01
+    return got
+
+
+@given(
+    x=hnp.arrays(
+        np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_side=12), elements=finite32
+    ),
+    table=hnp.arrays(np.float32, st.integers(1, 40), elements=finite32),
+)
+def test_matches_bruteforce_random(x, table):
+    _check(x, table[None, :], got=_nearest_padded(x, table))
+
+
+@given(
+    x=hnp.arrays(
+        np.float32,
+        st.integers(1, 200),
+        elements=st.sampled_from([-1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 1.5, 2.0]),
+    ),
+    table=hnp.arrays(
+        np.float32, st.integers(1, 8), elements=st.sampled_from([-1.0, 0.0, 0.5, 1.0, 2.0])
+    ),
+)
+def test_exact_ties_and_duplicates(x, table):
+    # Values on a small grid: many exact midpoint ties and duplicate centroids.
+    got = _nearest_padded(x, table)
+    np.testing.assert_array_equal(got, nearest_reference(x, table[None]))
+
+
+def test_tie_goes_to_lower_value_and_lowest_index():
+    table = jnp.array([[1.0, 0.0, 1.0, 3.0]])
+    x = jnp.array([0.5, 2.0, 1.0, 0.4, 0.6, 9.0, -9.0])
+    np.testing.assert_array_equal(nearest(x, table), [1, 0, 0, 1, 0, 3, 1])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("k", [1, 2, 3, 16, 255, 256])
+def test_dtypes_and_sizes(dtype, k):
+    rng = np.random.default_rng(k)
+    x = jnp.asarray(rng.standard_t(3, size=(37, 29)), dtype)
+    table = np.sort(rng.normal(size=(1, k))).astype(np.float32)
+    _check(np.asarray(x.astype(jnp.float32)), table)
+
+
+def test_per_group_tables():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 5)).astype(np.float32)
+    tables = rng.normal(size=(5, 4)).astype(np.float32)  # one table per column
+    groups = np.broadcast_to(np.arange(5), x.shape)
+    base = jnp.arange(5, dtype=jnp.int32)[None, :] * 4
+    _check(x, tables, groups, base)
+
+
+def test_jit_and_no_nxk():
+    x = jnp.linspace(-3, 3, 100_000)
+    table = jnp.linspace(-2, 2, 256)[None]
+    f = jax.jit(nearest)
+    hlo = f.lower(x, table).as_text()
+    # No intermediate of N x K elements anywhere in the program.
+    assert "100000,256" not in hlo and "256,100000" not in hlo
+    np.testing.assert_array_equal(f(x, table), nearest_reference(np.asarray(x), np.asarray(table)))
