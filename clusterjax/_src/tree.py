@@ -56,21 +56,24 @@ def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
 def flatten_like(params: Any, tree: Any, field: str) -> list[Any]:
     """Flattens `tree` (a state field) to one entry per leaf of `params`.
 
+    Trees are matched by structure, or failing that by '/'-joined path, so a state made
+    for a `dict` also fits the same params as a `FrozenDict` (and vice versa).
+
     Raises a `ValueError` naming the first path where the structures differ.
     """
     p_flat, p_def = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_none)
     try:
         return p_def.flatten_up_to(tree)
     except (ValueError, TypeError) as err:
-        t_paths = [
-            path_str(p)
-            for p, _ in jax.tree_util.tree_flatten_with_path(
-                tree, is_leaf=lambda x: x is None or _is_static_spec(x)
-            )[0]
-        ]
+        t_flat = jax.tree_util.tree_flatten_with_path(
+            tree, is_leaf=lambda x: x is None or _is_static_spec(x)
+        )[0]
+        by_path = {path_str(p): leaf for p, leaf in t_flat}
         p_paths = [path_str(p) for p, _ in p_flat]
-        missing = [p for p in p_paths if p not in set(t_paths)]
-        extra = [p for p in t_paths if p not in set(p_paths)]
+        missing = [p for p in p_paths if p not in by_path]
+        extra = [p for p in by_path if p not in set(p_paths)]
+        if not missing and not extra and len(by_path) == len(p_paths):
+            return [by_path[p] for p in p_paths]
         detail = []
         if missing:
             detail.append(f"params leaf {missing[0]!r} has no entry in state.{field}")
