@@ -13,10 +13,18 @@ from clusterjax._src.core import apply as apply
 from clusterjax._src.core import init as init
 from clusterjax._src.core import strip as strip
 from clusterjax._src.core import update_indices as update_indices
+from clusterjax._src.fileformat import FormatError as FormatError
+from clusterjax._src.fileformat import load as load
+from clusterjax._src.fileformat import save as save
 from clusterjax._src.optimizer import ClusterOptimizerState as ClusterOptimizerState
 from clusterjax._src.optimizer import optimizer as optimizer
+from clusterjax._src.packing import PackedArray as PackedArray
+from clusterjax._src.packing import pack as pack
+from clusterjax._src.packing import unpack as unpack
 from clusterjax._src.spec import ClusterSpec as ClusterSpec
 from clusterjax._src.straight_through import straight_through as straight_through
+from clusterjax._src.summary import Summary as Summary
+from clusterjax._src.summary import summary as summary
 from clusterjax._src.tree import path_str as path_str
 
 __version__ = "0.1.0"
@@ -25,13 +33,21 @@ __all__ = [
     "ClusterOptimizerState",
     "ClusterSpec",
     "ClusterState",
+    "FormatError",
+    "PackedArray",
+    "Summary",
     "apply",
     "init",
+    "load",
     "nnx_merge",
     "optimizer",
+    "pack",
     "path_str",
+    "save",
     "straight_through",
     "strip",
+    "summary",
+    "unpack",
     "update_indices",
     "wrap_apply",
 ]

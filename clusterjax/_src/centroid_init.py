@@ -37,6 +37,7 @@ _SEED_SAMPLE = 1 << 17
 _MAX_LLOYD_ITERS = 1000
 
 
+@functools.partial(jax.jit, static_argnames=("num_clusters", "method", "preserve_sparsity"))
 def init_tables(
     x: jax.Array,
     *,
