@@ -28,6 +28,7 @@ NaN; an empty range gives zeros.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -91,15 +92,16 @@ def _init_group(x, w, key, *, k_total, method, preserve_sparsity):
         ws = w[order]
     n = xs.shape[0]
     prefix = _Prefix.build(xs, ws) if method == "kmeans" else None
+    weighted = w is not None
     if not preserve_sparsity:
-        return _init_range(xs, ws, prefix, 0, n, k_total, k_total, method, key)
+        return _init_range(xs, ws, prefix, 0, n, k_total, k_total, method, key, weighted)
     kmax = k_total - 1
     n_neg = jnp.sum(xs < 0).astype(jnp.int32)
     n_pos = jnp.sum(xs > 0).astype(jnp.int32)
     k_neg, k_pos = _split(kmax, n_neg, n_pos)
     key_neg, key_pos = jax.random.split(key)
-    neg = _init_range(xs, ws, prefix, 0, n_neg, k_neg, kmax, method, key_neg)
-    pos = _init_range(xs, ws, prefix, n - n_pos, n, k_pos, kmax, method, key_pos)
+    neg = _init_range(xs, ws, prefix, 0, n_neg, k_neg, kmax, method, key_neg, weighted)
+    pos = _init_range(xs, ws, prefix, n - n_pos, n, k_pos, kmax, method, key_pos, weighted)
     j = jnp.arange(kmax)
     rest = jnp.where(j < k_neg, neg, pos[jnp.clip(j - k_neg, 0, kmax - 1)])
     rest = jnp.where(j < k_neg + k_pos, rest, 0.0)
@@ -120,7 +122,7 @@ def _split(kmax, n_neg, n_pos):
     return k_neg, k_pos
 
 
-def _init_range(xs, ws, prefix, start, stop, k, kmax, method, key):
+def _init_range(xs, ws, prefix, start, stop, k, kmax, method, key, weighted=False):
     """kmax-entry table for the sorted values xs[start:stop]; the first k are used."""
     start = jnp.asarray(start, jnp.int32)
     stop = jnp.asarray(stop, jnp.int32)
@@ -138,7 +140,7 @@ def _init_range(xs, ws, prefix, start, stop, k, kmax, method, key):
         u = jax.random.uniform(key, (kmax,), jnp.float32)
         table = jnp.sort(jnp.where(j < kf, lo + (hi - lo) * u, jnp.inf))
     elif method == "density":
-        table = _quantiles(xs, ws, start, stop, (j + 0.5) / jnp.maximum(kf, 1.0))
+        table = _quantiles(xs, ws, start, stop, (j + 0.5) / jnp.maximum(kf, 1.0), weighted)
     elif method in ("kmeans++", "kmeans"):
         table = _kmeanspp(xs, ws, start, stop, k, kmax, key)
         if method == "kmeans":
@@ -151,7 +153,7 @@ def _init_range(xs, ws, prefix, start, stop, k, kmax, method, key):
     return jnp.where((m > 0) & (k > 0), table, 0.0)
 
 
-def _quantiles(xs, ws, start, stop, q):
+def _quantiles(xs, ws, start, stop, q, weighted):
     """np.quantile-style (linear) quantiles of xs[start:stop], importance-weighted."""
     n = xs.shape[0]
     idx = jnp.arange(n)
@@ -159,11 +161,14 @@ def _quantiles(xs, ws, start, stop, q):
     wr = jnp.where(inside, ws, 0.0)
     cw = jnp.cumsum(wr)
     total = cw[-1]
-    last_w = wr[jnp.clip(stop - 1, 0, n - 1)]
-    # Plotting position of element i: (cumulative weight before i) / (total - last).
-    # With unit weights this is (i - start) / (m - 1): exactly np.quantile's 'linear'.
-    denom = jnp.maximum(total - last_w, 1e-30)
-    pos = jnp.where(inside, (cw - wr) / denom, jnp.where(idx < start, -1.0, 2.0))
+    if weighted:
+        # Each value stands for its weight: position = the middle of its weight mass.
+        pos = jnp.where(inside, (cw - 0.5 * wr) / jnp.maximum(total, 1e-30), 0.0)
+    else:
+        # (i - start) / (m - 1): exactly np.quantile's default 'linear' interpolation.
+        last_w = wr[jnp.clip(stop - 1, 0, n - 1)]
+        pos = jnp.where(inside, (cw - wr) / jnp.maximum(total - last_w, 1e-30), 0.0)
+    pos = jnp.where(inside, pos, jnp.where(idx < start, -1.0, 2.0))
     hit = jnp.searchsorted(pos, q, side="right") - 1
     i0 = jnp.clip(hit, start, jnp.maximum(stop - 1, start))
     i1 = jnp.clip(i0 + 1, start, jnp.maximum(stop - 1, start))
@@ -188,24 +193,30 @@ def _kmeanspp(xs, ws, start, stop, k, kmax, key):
     fallback = jnp.sum(inside) == 0
     keys = jax.random.split(key, kmax)
 
-    def pick(key, probs):
+    def pick(key, probs, count):
+        """`count` draws proportional to `probs` (the first value if no mass is left)."""
         total = jnp.sum(probs)
         cdf = jnp.cumsum(probs)
-        u = jax.random.uniform(key, (), jnp.float32) * total
+        u = jax.random.uniform(key, (count,), jnp.float32) * total
         i = jnp.clip(jnp.searchsorted(cdf, u, side="right"), 0, probs.shape[0] - 1)
-        # Nothing left to sample (all remaining mass zero): take the first value.
         return jnp.where((total > 0) & ~fallback, sample_x[i], xs[first])
 
-    c0 = pick(keys[0], weight)
+    c0 = pick(keys[0], weight, 1)[0]
     d2 = (sample_x - c0) ** 2
     table = jnp.full((kmax,), c0, jnp.float32)
+    # Greedy k-means++ (as scikit-learn does): draw several candidates per step and keep
+    # the one that lowers the potential most.
+    trials = 2 + int(math.log(max(kmax, 2)))
 
     def body(j, carry):
         table, d2 = carry
-        c = pick(keys[j], weight * d2)
+        cands = pick(keys[j], weight * d2, trials)
+        new_d2 = jnp.minimum(d2[None, :], (sample_x[None, :] - cands[:, None]) ** 2)
+        best = jnp.argmin(jnp.sum(weight[None, :] * new_d2, axis=1))
+        c = cands[best]
         active = j < k
         table = table.at[j].set(jnp.where(active, c, table[j]))
-        d2 = jnp.where(active, jnp.minimum(d2, (sample_x - c) ** 2), d2)
+        d2 = jnp.where(active, new_d2[best], d2)
         return table, d2
 
     table, _ = lax.fori_loop(1, kmax, body, (table, d2))
