@@ -21,6 +21,10 @@ from clusterjax._src.optimizer import optimizer as optimizer
 from clusterjax._src.packing import PackedArray as PackedArray
 from clusterjax._src.packing import pack as pack
 from clusterjax._src.packing import unpack as unpack
+from clusterjax._src.quantizers import binarize as binarize
+from clusterjax._src.quantizers import inject_gradient as inject_gradient
+from clusterjax._src.quantizers import quantize_uniform as quantize_uniform
+from clusterjax._src.quantizers import round_ste as round_ste
 from clusterjax._src.spec import ClusterSpec as ClusterSpec
 from clusterjax._src.straight_through import straight_through as straight_through
 from clusterjax._src.summary import Summary as Summary
@@ -37,12 +41,16 @@ __all__ = [
     "PackedArray",
     "Summary",
     "apply",
+    "binarize",
     "init",
+    "inject_gradient",
     "load",
     "nnx_merge",
     "optimizer",
     "pack",
     "path_str",
+    "quantize_uniform",
+    "round_ste",
     "save",
     "straight_through",
     "strip",

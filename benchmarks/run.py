@@ -1,0 +1,271 @@
+"""clusterjax benchmarks: side-by-side ratios measured in one process.
+
+    python benchmarks/run.py --quick            # ~2 minutes
+    python benchmarks/run.py                    # the full set (RESULTS.md)
+    python benchmarks/run.py --cases assign,train
+
+Cases:
+  assign  nearest-centroid assignment vs the N x K broadcast argmin vs one elementwise
+          pass over the same array (the floor), per-tensor and per-channel.
+  train   clustered / plain train step of the same MLP, interleaved, with
+          `update_indices` on and off.
+  memory  peak RSS of a clustered vs plain train step (a subprocess per case).
+  init    kmeans++ / kmeans init time and SSE next to scikit-learn KMeans(n_init=1).
+
+Every timing is the median of repeated runs after a warm-up (compilation excluded);
+the machines are noisy, so compare the ratios, not the absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import clusterjax as cj
+from clusterjax._src.assign import nearest
+
+
+def timeit(fn, *args, repeat=7):
+    jax.block_until_ready(fn(*args))  # compile + warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def interleaved(fns, args, repeat=15):
+    """Median times of several functions, run in turn so that noise hits all alike."""
+    for fn in fns:
+        jax.block_until_ready(fn(*args))
+    times = [[] for _ in fns]
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def bench_assign(quick):
+    sizes = [10**5, 10**6] if quick else [10**5, 10**6, 10**7]
+    ks = [16, 256] if quick else [4, 16, 64, 256]
+    ours = jax.jit(nearest)
+    brute = jax.jit(lambda x, t: jnp.argmin(jnp.abs(x[:, None] - t[0][None, :]), axis=1))
+    floor = jax.jit(lambda x, t: x * 2.0 + 1.0)
+    rows = []
+    rng = np.random.default_rng(0)
+    for n in sizes:
+        x = jnp.asarray(rng.standard_t(3, n).astype(np.float32))
+        for k in ks:
+            t = jnp.asarray(np.sort(rng.normal(size=(1, k))).astype(np.float32))
+            fns = [ours, floor] + ([brute] if n * k <= 2.6e9 else [])
+            res = interleaved(fns, (x, t), repeat=5 if n >= 10**7 else 9)
+            o, f = res[0], res[1]
+            b = res[2] if len(res) > 2 else float("nan")
+            rows.append([f"{n:.0e}", k, "tensor", f"{o * 1e3:.2f}", f"{f * 1e3:.2f}",
+                         f"{b * 1e3:.1f}", f"{o / f:.2f}x", f"{b / o:.1f}x"])  # fmt: skip
+    # Per-channel: a 4096 x 2048 kernel, one table per output column.
+    shape = (1024, 512) if quick else (4096, 2048)
+    w = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+    tables = jnp.asarray(np.sort(rng.normal(size=(shape[1], 16)), axis=1).astype(np.float32))
+    base = jnp.arange(shape[1], dtype=jnp.int32)[None, :] * 16
+    ours_c = jax.jit(lambda w, t: nearest(w, t, base))
+    floor_c = jax.jit(lambda w, t: w * 2.0 + 1.0)
+    brute_c = jax.jit(lambda w, t: jnp.argmin(jnp.abs(w[..., None] - t[None]), axis=-1))
+    o, f, b = interleaved([ours_c, floor_c, brute_c], (w, tables), repeat=5)
+    rows.append([f"{shape[0]}x{shape[1]}", 16, "channel", f"{o * 1e3:.2f}", f"{f * 1e3:.2f}",
+                 f"{b * 1e3:.1f}", f"{o / f:.2f}x", f"{b / o:.1f}x"])  # fmt: skip
+    header = ["N", "K", "granularity", "clusterjax ms", "elementwise ms", "N x K argmin ms",
+              "vs elementwise", "speed-up vs N x K"]  # fmt: skip
+    return "## Assignment\n\n" + table(header, rows)
+
+
+def _mlp_steps(sizes, batch, k, update):
+    import flax.linen as nn
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for h in sizes[1:-1]:
+                x = nn.relu(nn.Dense(h)(x))
+            return nn.Dense(sizes[-1])(x)
+
+    model = MLP()
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (batch, sizes[0]))
+    y = jnp.arange(batch) % sizes[-1]
+    params = model.init(key, x)["params"]
+
+    def xent(logits):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    plain_tx = optax.adam(1e-3)
+    plain_state = plain_tx.init(params)
+
+    @jax.jit
+    def plain(params, opt_state):
+        loss, g = jax.value_and_grad(lambda p: xent(model.apply({"params": p}, x)))(params)
+        u, opt_state = plain_tx.update(g, opt_state, params)
+        return optax.apply_updates(params, u), opt_state, loss
+
+    spec = cj.ClusterSpec(num_clusters=k, update_indices=update)
+    cstate = cj.init(params, spec, key=key)
+    tx = cj.optimizer(optax.adam(1e-3))
+    c_opt = tx.init((params, cstate))
+
+    @jax.jit
+    def clustered(params, cstate, opt_state):
+        def loss_fn(p, s):
+            return xent(model.apply({"params": cj.apply(p, s)}, x))
+
+        loss, g = jax.value_and_grad(loss_fn, argnums=(0, 1), allow_int=True)(params, cstate)
+        u, opt_state = tx.update(g, opt_state, (params, cstate))
+        params, cstate = optax.apply_updates((params, cstate), u)
+        return params, cstate, opt_state, loss
+
+    return (lambda: plain(params, plain_state)), (lambda: clustered(params, cstate, c_opt))
+
+
+def bench_train(quick):
+    rows = []
+    cases = [((64, 256, 256, 10), 64, 32), ((784, 1024, 1024, 10), 256, 256)]
+    for sizes, batch, k in cases:
+        for update in (True, False):
+            plain, clustered = _mlp_steps(sizes, batch, k, update)
+            p, c = interleaved([plain, clustered], (), repeat=20 if quick else 60)
+            rows.append(["-".join(map(str, sizes)), batch, k, update,
+                         f"{p * 1e3:.3f}", f"{c * 1e3:.3f}", f"{c / p:.2f}x"])  # fmt: skip
+    header = ["MLP", "batch", "K", "update_indices", "plain ms", "clustered ms", "ratio"]
+    return "## Train step (clustered / plain, interleaved)\n\n" + table(header, rows)
+
+
+_MEMORY_CHILD = r"""
+import resource, sys, jax, jax.numpy as jnp, optax, json
+import clusterjax as cj
+mode, n, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+key = jax.random.key(0)
+params = {"w": jax.random.normal(key, (n, n)) * 0.02}
+x = jax.random.normal(key, (64, n))
+def loss_of(w):
+    return jnp.mean((x @ w) ** 2)
+if mode == "plain":
+    tx = optax.adam(1e-3); st = tx.init(params)
+    @jax.jit
+    def step(p, st):
+        g = jax.grad(lambda p: loss_of(p["w"]))(p)
+        u, st = tx.update(g, st, p)
+        return optax.apply_updates(p, u), st
+    for _ in range(3):
+        params, st = step(params, st)
+    jax.block_until_ready(params)
+else:
+    cs = cj.init(params, cj.ClusterSpec(num_clusters=k, init="linear"), key=key)
+    tx = cj.optimizer(optax.adam(1e-3)); st = tx.init((params, cs))
+    @jax.jit
+    def step(p, cs, st):
+        f = lambda p, s: loss_of(cj.apply(p, s)["w"])
+        g = jax.grad(f, argnums=(0, 1), allow_int=True)(p, cs)
+        u, st = tx.update(g, st, (p, cs))
+        p, cs = optax.apply_updates((p, cs), u)
+        return p, cs, st
+    for _ in range(3):
+        params, cs, st = step(params, cs, st)
+    jax.block_until_ready(params)
+print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def bench_memory(quick):
+    n = 2048 if quick else 4096
+    rows = []
+    res = {}
+    for mode in ("plain", "clustered"):
+        out = subprocess.run(
+            [sys.executable, "-c", _MEMORY_CHILD, mode, str(n), "256"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        res[mode] = json.loads(out.stdout.strip().splitlines()[-1])["maxrss_kb"] * 1024
+    extra = res["clustered"] - res["plain"]
+    rows.append([f"{n}x{n}", 256, f"{res['plain'] / 2**20:.0f}", f"{res['clustered'] / 2**20:.0f}",
+                 f"{extra / (n * n):.2f}"])  # fmt: skip
+    header = ["layer", "K", "plain peak MiB", "clustered peak MiB", "extra bytes / weight"]
+    return "## Peak memory of a train step (max RSS, one subprocess each)\n\n" + table(header, rows)
+
+
+def bench_init(quick):
+    from sklearn.cluster import KMeans
+
+    rows = []
+    sizes = [10**6] if quick else [10**6, 10**7]
+    ks = [16] if quick else [16, 256]
+    rng = np.random.default_rng(0)
+    for n in sizes:
+        for dist in ("gaussian", "student-t3"):
+            x = (rng.normal(size=n) if dist == "gaussian" else rng.standard_t(3, n)).astype(
+                np.float32
+            )
+            xj = jnp.asarray(x[None])
+            for k in ks:
+                for method in ("kmeans++", "kmeans"):
+                    fn = lambda x, m=method, k=k: cj._src.centroid_init.init_tables(  # noqa: E731
+                        x, num_clusters=k, method=m, key=jax.random.key(0)
+                    )
+                    t = timeit(fn, xj, repeat=3)
+                    c = np.asarray(fn(xj))[0]
+                    s = _sse(x, c)
+                    rows.append([f"{n:.0e}", dist, k, method, f"{t:.2f}", f"{s:.6g}", "", ""])
+                if n <= 10**6:
+                    t0 = time.perf_counter()
+                    km = KMeans(n_clusters=k, n_init=1, random_state=0).fit(x[:, None])
+                    t_sk = time.perf_counter() - t0
+                    s_sk = _sse(x, np.sort(km.cluster_centers_[:, 0]).astype(np.float32))
+                    rows[-1][6] = f"{t_sk:.2f}"
+                    rows[-1][7] = f"{s_sk:.6g} (ours/sk {float(rows[-1][5]) / s_sk:.4f})"
+    header = ["N", "data", "K", "method", "clusterjax s", "SSE", "sklearn s", "sklearn SSE"]
+    return "## Init (kmeans++ / kmeans) vs scikit-learn KMeans(n_init=1)\n\n" + table(header, rows)
+
+
+def _sse(x, c):
+    idx = np.asarray(jax.jit(nearest)(jnp.asarray(x), jnp.asarray(c[None])))
+    return float(np.sum((x.astype(np.float64) - c[idx].astype(np.float64)) ** 2))
+
+
+CASES = {"assign": bench_assign, "train": bench_train, "memory": bench_memory, "init": bench_init}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
+    args = p.parse_args(argv)
+    print(f"# clusterjax benchmarks{' (quick)' if args.quick else ''}\n")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}, jax {jax.__version__}, backend "
+          f"{jax.default_backend()}\n")  # fmt: skip
+    for name in args.cases.split(","):
+        t0 = time.time()
+        print(CASES[name](args.quick))
+        print(f"\n({name}: {time.time() - t0:.0f} s)\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
