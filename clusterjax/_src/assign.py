@@ -38,6 +38,7 @@ def sort_tables(tables: jax.Array) -> tuple[jax.Array, jax.Array]:
     return sorted_values, rep
 
 
+@jax.jit
 def nearest(x: jax.Array, tables: jax.Array, base: jax.Array | int = 0) -> jax.Array:
     """Index (into its own row of `tables`) of the centroid nearest to each element of `x`.
 
