@@ -1,4 +1,9 @@
-"""Smoke runs of the examples with tiny settings, so that they never rot."""
+"""Smoke runs of the examples with tiny settings (a few steps), so that they never rot.
+
+Each example's `main(argv)` runs in-process with a tmp `--out`; the assertions check the
+invariants that hold even after two training steps (distinct values <= K, exact zeros
+with `preserve_sparsity`, the packed file reproducing the stripped model).
+"""
 
 import importlib.util
 import pathlib
@@ -6,6 +11,9 @@ import pathlib
 import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+# Linear init keeps the smoke runs fast (kmeans++ init compiles for a while per K and shape;
+# the init methods themselves are tested in test_centroid_init.py).
+TINY = ["--epochs", "1", "--finetune-epochs", "1", "--steps", "2", "--no-progress"]
 
 
 def _load(name):
@@ -15,29 +23,62 @@ def _load(name):
     return module
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn"])
-def test_demo_tiny(tmp_path, model):
-    demo = _load("demo")
-    out = demo.main(
-        [
-            "--models",
-            model,
-            "--clusters",
-            "4",
-            "--inits",
-            "kmeans++",
-            "--epochs",
-            "1",
-            "--finetune-epochs",
-            "1",
-            "--out",
-            str(tmp_path),
-            "--no-progress",
-        ]
-    )
-    assert (tmp_path / "results.md").exists() and (tmp_path / "accuracy_vs_k.png").exists()
+def _outputs(path: pathlib.Path, *pngs):
+    text = (path / "results.md").read_text()
+    assert "| " in text
+    for png in pngs:
+        assert (path / png).stat().st_size > 0, png
+    return text
+
+
+def test_demo(tmp_path):
+    argv = ["--models", "mlp,cnn", "--clusters", "4", "--inits", "linear", "--out", str(tmp_path)]
+    out = _load("demo").main(argv + TINY)
+    _outputs(tmp_path, "accuracy_vs_k.png", "histogram.png")
     rows = out["rows"]
-    assert len(rows) == 2
+    assert [r[:3] for r in rows] == [
+        ["mlp", "float32", "-"],
+        ["mlp", "linear", 4],
+        ["cnn", "float32", "-"],
+        ["cnn", "linear", 4],
+    ]
     for row in rows:
         assert 0.0 <= row[3] <= 1.0 and 0.0 <= row[4] <= 1.0
-    assert rows[1][5] <= 4  # distinct values per kernel
+    for row in (rows[1], rows[3]):
+        assert all(int(d) <= 4 for d in row[6].split("/"))  # distinct values per kernel
+        assert row[7] == 2 and row[9] < rows[0][9] / 8  # 2-bit indices, packed size
+
+
+def test_indices(tmp_path):
+    argv = ["--models", "mlp", "--clusters", "2", "--repeats", "1", "--init", "linear"]
+    argv += ["--out", str(tmp_path)]
+    out = _load("indices").main(argv + TINY)
+    _outputs(tmp_path, "indices.png")
+    cell = out["acc"]["mlp"][2]
+    assert len(cell["frozen"]) == len(cell["update"]) == 1
+    assert 0.0 <= cell["moved"][0] <= 1.0
+
+
+def test_sparsity(tmp_path):
+    argv = ["--models", "mlp", "--clusters", "4", "--prune-epochs", "1", "--init", "linear"]
+    argv += ["--out", str(tmp_path)]
+    out = _load("sparsity").main(argv + TINY)
+    _outputs(tmp_path, "sparsity.png")
+    preserved = [r for r in out["records"] if r["preserve"]]
+    assert len(preserved) == 1
+    r = preserved[0]
+    assert r["pruned_sparsity"] == 0.5
+    assert r["sparsity_after"] == r["pruned_sparsity"] and r["same_zeros"]
+
+
+def test_nnx_mlp(tmp_path):
+    argv = ["--clusters", "4", "--init", "linear", "--out", str(tmp_path)]
+    out = _load("nnx_mlp").main(argv + TINY)
+    _outputs(tmp_path, "accuracy_vs_k.png")
+    (result,) = out["results"]
+    assert result["file"] == result["after"]  # cj.load(cj.save(...)) == cj.strip(...)
+    assert all(int(d) <= 4 for d in out["rows"][1][4].split("/"))
+
+
+if __name__ == "__main__":
+    pytest.main([__file__, "-q"])
