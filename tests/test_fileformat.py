@@ -1,44 +1,269 @@
-"""Hostile packed files: every malformed input is a FormatError, never garbage or code."""
+"""The packed file: exact round trips, sizes, the documented layout, and hostile files.
+
+Every malformed input must raise `cj.FormatError` (a `ValueError`) naming the problem:
+never another exception, never code execution, never a garbage tree.
+"""
+
+from __future__ import annotations
 
 import json
+import math
+import os
+import pathlib
 import pickle
 import struct
 
 import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_packing import bits_equal, cases, make_case, make_leaf, reference_tree
 
 import clusterjax as cj
-from clusterjax._src.fileformat import MAGIC, loads
+from clusterjax._src.fileformat import MAGIC, file_size, loads, read_header
+from clusterjax._src.packing import is_packed
+
+# ---------------------------------------------------------------------------------------
+# Round trips.
 
 
 @pytest.fixture(scope="module")
-def blob(tmp_path_factory):
-    params = {
-        "w": jax.random.normal(jax.random.key(0), (6, 5)),
-        "b": np.arange(3, dtype=np.float32),
-    }
-    state = cj.init(params, cj.ClusterSpec(num_clusters=3), key=jax.random.key(1))
-    path = tmp_path_factory.mktemp("f") / "m.cjx"
-    cj.save(path, params, state)
-    return path.read_bytes()
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fileformat")
+
+
+def _flat(tree):
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_packed)[0]
+    return {cj.path_str(p): leaf for p, leaf in flat}
+
+
+@settings(max_examples=40)
+@given(case=cases(dtypes=("float32", "bfloat16", "float16")))
+def test_load_of_save_equals_strip_bit_for_bit(workdir, case):
+    params, state = case
+    path = workdir / "case.cjx"
+    size = cj.save(path, params, state)
+    assert size == path.stat().st_size == file_size(cj.pack(params, state))
+    dense = _flat(cj.strip(params, state))
+    reference = reference_tree(params, state)
+    loaded = _flat(cj.load(path))
+    assert set(loaded) == set(dense)
+    for name, want in dense.items():
+        assert isinstance(loaded[name], np.ndarray)
+        assert bits_equal(loaded[name], want), name
+        assert bits_equal(loaded[name], reference[name]), name
+    packed = _flat(cj.load(path, packed=True))
+    for name, leaf in _flat(cj.pack(params, state)).items():
+        if isinstance(leaf, cj.PackedArray):
+            got = packed[name]
+            assert isinstance(got, cj.PackedArray) and repr(got) == repr(leaf)
+            assert bits_equal(got.packed, leaf.packed) and bits_equal(got.tables, leaf.tables)
+        else:
+            assert bits_equal(packed[name], leaf)
+
+
+def test_packed_tree_and_params_state_write_identical_files(workdir):
+    params, state = make_case(
+        np.random.default_rng(0),
+        {"a": dict(shape=(5, 4), dtype="float32", k=3), "b": np.arange(3.0)},
+    )
+    cj.save(workdir / "1.cjx", params, state)
+    cj.save(workdir / "2.cjx", cj.pack(params, state))
+    assert (workdir / "1.cjx").read_bytes() == (workdir / "2.cjx").read_bytes()
+
+
+def test_size_of_a_million_weights_at_k16(workdir, capsys):
+    n, k = 1 << 20, 16
+    params, state = make_case(
+        np.random.default_rng(1), {"w": dict(shape=(1024, 1024), dtype="float32", k=k)}
+    )
+    path = workdir / "big.cjx"
+    size = cj.save(path, params, state)
+    blob = path.read_bytes()
+    hlen = struct.unpack_from("<Q", blob, 12)[0]
+    payload = n // 2 + k * 4
+    assert size == 20 + hlen + payload  # nothing else: no padding needed here
+    assert size <= 1.01 * payload and hlen < 512
+    assert bits_equal(cj.load(path)["w"], cj.strip(params, state)["w"])
+    with capsys.disabled():
+        print(
+            f"\n1M weights, K=16: file {size:,} B = N/2 {n // 2:,} + table {k * 4} + "
+            f"prefix/header {20 + hlen}; {(size / payload - 1) * 100:.3f}% over N/2 + "
+            f"table; {4 * n / size:.2f}x vs float32"
+        )
+
+
+def test_int_keys_lists_and_bare_arrays(workdir):
+    rng = np.random.default_rng(2)
+    params, state = make_case(rng, {"w": dict(shape=(4, 4), dtype="float32", k=2)})
+    tree = {"layers": {0: params["w"], 1: [np.int8(3), np.ones(2, bool)]}}
+    st_tree = cj.ClusterState(
+        centroids={"layers": {0: state.centroids["w"], 1: [None, None]}},
+        indices={"layers": {0: state.indices["w"], 1: [None, None]}},
+        masks={"layers": {0: None, 1: [None, None]}},
+        specs={"layers": {0: state.specs["w"], 1: [None, None]}},
+    )
+    cj.save(workdir / "keys.cjx", tree, st_tree)
+    out = cj.load(workdir / "keys.cjx")
+    assert sorted(out["layers"]) == [0, 1] and sorted(out["layers"][1]) == [0, 1]
+    assert bits_equal(out["layers"][0], cj.strip(params, state)["w"])
+    assert bits_equal(out["layers"][1][0], np.int8(3))
+    assert bits_equal(out["layers"][1][1], np.ones(2, bool))
+    cj.save(workdir / "bare.cjx", np.arange(5, dtype=np.uint16))
+    assert bits_equal(cj.load(workdir / "bare.cjx"), np.arange(5, dtype=np.uint16))
+    cj.save(workdir / "empty.cjx", {})
+    assert cj.load(workdir / "empty.cjx") == {}
+
+
+def test_nnx_state_round_trip(workdir):
+    from flax import nnx
+
+    model = nnx.Sequential(nnx.Linear(6, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 3, rngs=nnx.Rngs(1)))
+    _, variables = nnx.split(model)
+    rng = np.random.default_rng(3)
+    fields = {f: {} for f in cj.ClusterState._fields}
+    for i, shape in enumerate([(6, 8), (8, 3)]):
+        _, c, idx, _, spec = make_leaf(rng, shape, "float32", 4, granularity="channel")
+        for f, v in zip(fields, (c, idx, None, spec)):
+            fields[f][i] = {"kernel": v, "bias": None}
+    # A dict-shaped state fits the nnx State by path.
+    state = cj.ClusterState(**{f: {"layers": v} for f, v in fields.items()})
+    cj.save(workdir / "nnx.cjx", variables, state)
+    loaded = cj.load(workdir / "nnx.cjx")
+    assert sorted(loaded["layers"]) == [0, 1]  # int keys, as nnx.Sequential has them
+    fresh = nnx.Sequential(nnx.Linear(6, 8, rngs=nnx.Rngs(7)), nnx.Linear(8, 3, rngs=nnx.Rngs(8)))
+    nnx.update(fresh, nnx.State(loaded))
+    dense = cj.strip(variables, state)
+    _, restored = nnx.split(fresh)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(dense), strict=True):
+        assert bits_equal(a, b)
+
+
+def test_save_errors(workdir):
+    with pytest.raises(ValueError, match="leaf 'z' has dtype complex64"):
+        cj.save(workdir / "c.cjx", {"z": np.zeros(2, np.complex64)})
+    with pytest.raises(ValueError, match="two leaves have the same path 'a/b'"):
+        cj.save(workdir / "d.cjx", {"a/b": np.zeros(1), "a": {"b": np.zeros(1)}})
+    # A failed save leaves an existing file alone and no temporary file behind.
+    (workdir / "keep.cjx").write_bytes(b"old")
+    with pytest.raises(ValueError):
+        cj.save(workdir / "keep.cjx", {"z": np.zeros(2, np.complex64)})
+    assert (workdir / "keep.cjx").read_bytes() == b"old"
+    assert not [p for p in os.listdir(workdir) if p.endswith(".tmp")]
+    with pytest.raises(FileNotFoundError, match="no-such-dir"):
+        cj.save(workdir / "no-such-dir" / "x.cjx", {"a": np.zeros(1)})
+
+
+# ---------------------------------------------------------------------------------------
+# The layout documented in BUILD.md, read by an independent reader.
+
+
+def spec_reader(blob: bytes) -> dict:
+    """A reader written from BUILD.md alone (np.unpackbits for the bit stream)."""
+    magic, version, hlen = struct.unpack_from("<8sIQ", blob, 0)
+    assert magic == b"CLUSTJAX" and version == 1 and (20 + hlen) % 8 == 0
+    header = json.loads(blob[20 : 20 + hlen])
+    data = blob[20 + hlen :]
+    assert len(data) == header["data_nbytes"]
+
+    def dtype(name):
+        return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
+
+    out = {}
+    for e in header["leaves"]:
+        name = "/".join(str(p) for p in e["path"])
+        shape = e["shape"]
+        if e["kind"] == "dense":
+            count = math.prod(shape)
+            arr = np.frombuffer(data, dtype(e["dtype"]), count=count, offset=e["offset"])
+            out[name] = arr.reshape(shape)
+            continue
+        k, b = e["num_clusters"], e["bits"]
+        table = np.frombuffer(
+            data, e["table_dtype"], count=math.prod(e["table_shape"]), offset=e["table_offset"]
+        ).reshape(-1, k)
+        raw = np.frombuffer(data, np.uint8, count=e["indices_nbytes"], offset=e["indices_offset"])
+        n = math.prod(shape)
+        bit_matrix = np.unpackbits(raw, bitorder="little")[: n * b].reshape(n, b)
+        idx = (bit_matrix.astype(np.int64) << np.arange(b)).sum(axis=1).reshape(shape)
+        if e["granularity"] == "tensor":
+            group = np.zeros(shape, np.int64)
+        else:
+            axis = e["channel_axis"]
+            pos = np.arange(shape[axis]).reshape(
+                [-1 if d == axis else 1 for d in range(len(shape))]
+            )
+            group = np.broadcast_to(pos // e["group_size"], shape)
+        out[name] = table[group, idx].astype(dtype(e["dtype"]))
+    return out
+
+
+def test_an_independent_reader_of_the_documented_layout(workdir):
+    params, state = make_case(
+        np.random.default_rng(4),
+        {
+            "t": dict(shape=(7, 5), dtype="bfloat16", k=17),
+            "c": dict(shape=(3, 4, 6), dtype="float32", k=3, granularity="channel", axis=1),
+            "g": dict(shape=(5, 8), dtype="float16", k=256, granularity="group", group_size=4),
+            "s": dict(shape=(9, 2), dtype="float32", k=2, sparse=True),
+            "dense": np.arange(6, dtype=np.int32).reshape(2, 3),
+        },
+    )
+    cj.save(workdir / "spec.cjx", params, state)
+    blob = (workdir / "spec.cjx").read_bytes()
+    got = spec_reader(blob)
+    for name, want in _flat(cj.strip(params, state)).items():
+        assert bits_equal(got[name], want), name
+    header = read_header(blob)
+    entry = next(e for e in header["leaves"] if e["path"] == ["g"])
+    assert entry["granularity"] == "group" and entry["group_size"] == 4
+    assert entry["table_shape"] == [2, 256] and entry["bits"] == 8
+
+
+# ---------------------------------------------------------------------------------------
+# Hostile files.
+
+
+@pytest.fixture(scope="module")
+def blob(workdir):
+    """A small valid file: a clustered leaf (K=3, 2 bits) and a dense one."""
+    params, state = make_case(
+        np.random.default_rng(5),
+        {"w": dict(shape=(6, 5), dtype="float32", k=3), "b": np.arange(3, dtype=np.float32)},
+    )
+    cj.save(workdir / "small.cjx", params, state)
+    return (workdir / "small.cjx").read_bytes()
 
 
 def _split(blob):
-    magic, version, hlen = struct.unpack_from("<8sIQ", blob)
+    _, _, hlen = struct.unpack_from("<8sIQ", blob)
     return json.loads(blob[20 : 20 + hlen]), blob[20 + hlen :]
 
 
-def _join(header, data, version=1):
+def _join(header, data, version=1, align=True):
     raw = json.dumps(header).encode()
+    if align:
+        raw += b" " * (-(20 + len(raw)) % 8)
     return struct.pack("<8sIQ", MAGIC, version, len(raw)) + raw + data
 
 
-def test_valid_blob_loads(blob):
+def _clustered(header):
+    return next(e for e in header["leaves"] if e["kind"] == "clustered")
+
+
+def _dense(header):
+    return next(e for e in header["leaves"] if e["kind"] == "dense")
+
+
+def test_the_small_file_is_valid(blob):
     out = loads(blob)
     assert out["w"].shape == (6, 5) and len(np.unique(out["w"])) <= 3
+    assert bits_equal(out["b"], np.arange(3, dtype=np.float32))
+    header, data = _split(blob)
+    assert loads(_join(header, data)).keys() == out.keys()  # the helpers are faithful
 
 
 def test_every_truncation_is_rejected(blob):
@@ -47,42 +272,125 @@ def test_every_truncation_is_rejected(blob):
             loads(blob[:cut])
 
 
-def test_wrong_magic_and_future_version(blob):
-    with pytest.raises(cj.FormatError, match="magic"):
+def test_appended_bytes_are_rejected(blob):
+    with pytest.raises(cj.FormatError, match="header says .* data bytes, the file has"):
+        loads(blob + b"\0")
+
+
+def test_wrong_magic_and_versions(blob):
+    with pytest.raises(cj.FormatError, match="not a clusterjax file: magic"):
         loads(b"NOTCLUST" + blob[8:])
     header, data = _split(blob)
-    with pytest.raises(cj.FormatError, match="version 2"):
+    with pytest.raises(cj.FormatError, match="version 2.*newer clusterjax"):
         loads(_join(header, data, version=2))
+    with pytest.raises(cj.FormatError, match="unsupported clusterjax format version 0"):
+        loads(_join(header, data, version=0))
 
 
-def test_pickle_file_is_rejected_without_unpickling(tmp_path):
-    class Boom:
+def test_header_lengths_that_disagree_with_the_file(blob):
+    header, data = _split(blob)
+    raw = blob[20 : -len(data)]
+    for hlen, fragment in [
+        (len(raw) + 8, "data bytes|not valid"),
+        (len(raw) - 8, "not valid"),
+        (len(raw) + 1, "8-byte boundary"),
+        (2**63, "exceeds"),
+        (len(blob), "exceeds"),
+    ]:
+        bad = struct.pack("<8sIQ", MAGIC, 1, hlen) + raw + data
+        with pytest.raises(cj.FormatError, match=fragment):
+            loads(bad)
+
+
+def test_malicious_pickles_are_rejected_without_executing(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
         def __reduce__(self):
-            return (exec, ("raise SystemExit('pickle executed')",))
+            return (pathlib.Path.touch, (marker,))
 
-    path = tmp_path / "evil.cjx"
-    path.write_bytes(pickle.dumps(Boom()))
-    with pytest.raises(cj.FormatError):
-        cj.load(path)
+    for name, raw in [
+        ("model.cjx", pickle.dumps(Payload())),
+        ("model.cjx", pickle.dumps({"w": Payload()}, protocol=0)),
+        ("old.cjx", MAGIC + pickle.dumps(Payload())),  # magic, then junk
+    ]:
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(cj.FormatError):
+            cj.load(tmp_path / name)
+    np.save(tmp_path / "obj.npy", np.array([Payload()], dtype=object), allow_pickle=True)
+    (tmp_path / "obj.npy").rename(tmp_path / "obj.cjx")
+    with pytest.raises(cj.FormatError, match="magic"):
+        cj.load(tmp_path / "obj.cjx")
+    assert not marker.exists()
 
 
-def _clustered(header):
-    return next(e for e in header["leaves"] if e["kind"] == "clustered")
+def test_other_formats_and_empty_files_are_rejected(tmp_path):
+    np.savez(tmp_path / "a.npz", w=np.ones(3))
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.ones(3, np.float32)}, str(tmp_path / "a.safetensors"))
+    for name in ("a.npz", "a.safetensors"):
+        with pytest.raises(cj.FormatError, match="not a clusterjax file"):
+            cj.load(tmp_path / name)
+    with pytest.raises(cj.FormatError, match="truncated"):
+        loads(b"")
 
 
 @pytest.mark.parametrize(
     "mutate, fragment",
     [
-        (lambda h: _clustered(h).update(shape=[6, 6]), "does not match"),
+        (lambda h: _clustered(h).update(shape=[6, 6]), "does not match the 9 bytes"),
+        (lambda h: _clustered(h).update(shape=[5, 5]), "does not match"),
+        (lambda h: _clustered(h).update(shape=[6, -5]), "non-negative"),
+        (lambda h: _clustered(h).update(shape="6x5"), "bad shape"),
+        (lambda h: _clustered(h).update(shape=[1] * 100), "bad shape"),
+        (lambda h: _dense(h).update(shape=[4]), "does not match the 16 bytes"),
+        (lambda h: _dense(h).update(nbytes=16), "nbytes=16"),
+        (lambda h: _dense(h).update(dtype="float64"), "does not match the 24 bytes"),
         (lambda h: _clustered(h).update(num_clusters=5), "bits=2 does not match num_clusters=5"),
+        (lambda h: _clustered(h).update(num_clusters=0), "bad num_clusters"),
+        (lambda h: _clustered(h).update(num_clusters=True), "bad num_clusters"),
+        (lambda h: _clustered(h).update(bits=3), "bits=3"),
         (lambda h: _clustered(h).update(table_shape=[4]), "table_shape"),
-        (lambda h: _clustered(h).update(dtype="object"), "unsupported dtype"),
-        (lambda h: _clustered(h).update(indices_offset=10**9), "beyond"),
+        (lambda h: _clustered(h).update(table_dtype="float16"), "unsupported table dtype"),
+        (lambda h: _clustered(h).update(dtype="int32"), "must be floating"),
+        (lambda h: _clustered(h).update(dtype="object"), "unsupported dtype 'object'"),
+        (lambda h: _clustered(h).update(dtype=["float32"]), "unsupported dtype"),
+        (lambda h: _dense(h).update(dtype="|O"), "unsupported dtype"),
+        (lambda h: _dense(h).update(dtype=">f4"), "unsupported dtype"),
         (lambda h: _clustered(h).update(granularity="row"), "unknown granularity"),
+        (lambda h: _clustered(h).update(granularity=["tensor"]), "unknown granularity"),
+        (lambda h: _clustered(h).update(channel_axis=0), "channel_axis null"),
+        (
+            lambda h: _clustered(h).update(granularity="channel", channel_axis=2),
+            "channel_axis 2 out of range",
+        ),
+        (
+            lambda h: _clustered(h).update(granularity="group", channel_axis=1, group_size=2),
+            "group_size 2 is invalid for 5 groups",
+        ),
+        (lambda h: _clustered(h).update(indices_offset=10**9), "indices_offset=1000000000"),
+        (lambda h: _clustered(h).update(table_offset=24), "table_offset=24, expected 16"),
+        (lambda h: _dense(h).update(offset=-8), "offset=-8"),
+        (lambda h: _dense(h).update(offset=1.5), "must be integers"),
+        (lambda h: _clustered(h).update(kind="sparse"), "unknown kind"),
+        (lambda h: _clustered(h).update(extra=1), r"unknown \['extra'\]"),
+        (lambda h: _clustered(h).pop("bits"), r"missing \['bits'\]"),
         (lambda h: _clustered(h).update(path=[]), "bad leaf path"),
+        (lambda h: _clustered(h).update(path=["a", ""]), "bad leaf path"),
+        (lambda h: _clustered(h).update(path="w"), "bad leaf path"),
+        (lambda h: _clustered(h).update(path=[None]), "bad leaf path"),
+        (lambda h: _clustered(h).update(path=["b"]), "duplicate path 'b'"),
+        (lambda h: _clustered(h).update(path=["b", "x"]), "below the leaf 'b'"),
+        (lambda h: _dense(h).update(path=["w", 0]), "below the leaf 'w'|conflicts"),
         (lambda h: h.update(data_nbytes=1), "data bytes"),
+        (lambda h: h.update(data_nbytes="112"), "data bytes"),
         (lambda h: h.update(leaves={}), "must be a list"),
-        (lambda h: h["leaves"].append(dict(h["leaves"][0])), "duplicate"),
+        (lambda h: h.update(leaves=[1]), "not a JSON object"),
+        (lambda h: h.update(format="other"), "format 'clusterjax'"),
+        (lambda h: h.update(extra=True), "fields"),
+        (lambda h: h.pop("leaves"), "fields"),
+        (lambda h: h["leaves"].reverse(), "expected 0"),
     ],
 )
 def test_inconsistent_headers(blob, mutate, fragment):
@@ -92,27 +400,132 @@ def test_inconsistent_headers(blob, mutate, fragment):
         loads(_join(header, data))
 
 
-def test_out_of_range_index_is_rejected(blob):
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        (b"[1, 2]", "not a JSON object"),
+        (b"{'single': 'quotes'}", "not valid"),
+        (b"\xff\xfe{}", "not valid UTF-8"),
+        (b"[" * 100_000 + b"]" * 100_000, "not valid|not a JSON object"),
+        (b'{"data_nbytes": 1' + b"0" * 5000 + b"}", "not valid"),
+    ],
+)
+def test_unparseable_headers(raw, fragment):
+    raw += b" " * (-(20 + len(raw)) % 8)
+    with pytest.raises(cj.FormatError, match=fragment):
+        loads(struct.pack("<8sIQ", MAGIC, 1, len(raw)) + raw)
+
+
+def _with_data(blob, edit):
     header, data = _split(blob)
-    entry = _clustered(header)
     data = bytearray(data)
-    off = entry["indices_offset"]
-    data[off] = 0xFF  # K = 3 -> 2 bits; 0b11 = 3 is out of range
-    with pytest.raises(cj.FormatError, match="out of range for num_clusters=3"):
-        loads(_join(header, bytes(data)))
+    edit(header, data)
+    return _join(header, bytes(data))
+
+
+def test_out_of_range_indices_are_rejected(blob):
+    def edit(header, data):
+        data[_clustered(header)["indices_offset"]] = 0b11  # K=3: index 3 is out of range
+
+    with pytest.raises(cj.FormatError, match="'w': index 3 out of range for num_clusters=3"):
+        loads(_with_data(blob, edit))
+
+
+def test_padding_bits_and_bytes_must_be_zero(blob):
+    def pad_bits(header, data):
+        e = _clustered(header)  # 30 indices x 2 bits = 60 bits: the last 4 bits are padding
+        data[e["indices_offset"] + e["indices_nbytes"] - 1] |= 0x40
+
+    with pytest.raises(cj.FormatError, match="non-zero padding bits"):
+        loads(_with_data(blob, pad_bits))
+
+    def pad_bytes(header, data):
+        e = _clustered(header)
+        data[e["table_offset"] + e["table_nbytes"]] = 1  # 12 table bytes, then 4 padding
+
+    with pytest.raises(cj.FormatError, match="non-zero padding bytes"):
+        loads(_with_data(blob, pad_bytes))
+
+
+def test_non_finite_centroids_are_rejected(blob):
+    def edit(header, data):
+        off = _clustered(header)["table_offset"]
+        data[off : off + 4] = np.array([np.nan], "<f4").tobytes()
+
+    with pytest.raises(cj.FormatError, match="NaN/Inf"):
+        loads(_with_data(blob, edit))
+
+
+def _check_accepted(out, blob):
+    """A mutated file that loads must give a self-consistent tree that matches its header."""
+    header = read_header(blob)
+    flat = _flat(out)
+    assert len(flat) == len(header["leaves"])
+    for entry in header["leaves"]:
+        leaf = flat["/".join(str(p) for p in entry["path"])]
+        assert tuple(leaf.shape) == tuple(entry["shape"])
+        if isinstance(leaf, cj.PackedArray):
+            assert int(leaf.indices().max(initial=0)) < leaf.num_clusters
+            assert np.isfinite(leaf.tables).all()
 
 
 @settings(max_examples=3000)
 @given(data=st.data())
-def test_fuzz_never_crashes_otherwise(blob, data):
+def test_fuzz_byte_mutations(blob, data):
     mutated = bytearray(blob)
     for _ in range(data.draw(st.integers(1, 4))):
         pos = data.draw(st.integers(0, len(mutated) - 1))
         mutated[pos] = data.draw(st.integers(0, 255))
+    mutated = bytes(mutated)
     try:
-        out = loads(bytes(mutated))
+        out = loads(mutated, packed=True)
     except cj.FormatError:
         return
-    # Accepted files must be self-consistent: every leaf a finite-shaped array.
-    for leaf in jax.tree.leaves(out):
-        assert isinstance(leaf, np.ndarray)
+    _check_accepted(out, mutated)
+
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.text(max_size=6)
+    | st.sampled_from(["float32", "bfloat16", "int8", "tensor", "channel", "group", "w"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=1000)
+@given(data=st.data())
+def test_fuzz_header_fields(blob, data):
+    header, raw = _split(blob)
+    targets = [header, *header["leaves"]]
+    for _ in range(data.draw(st.integers(1, 3))):
+        target = data.draw(st.sampled_from(targets))
+        key = data.draw(st.sampled_from(sorted(target)) | st.text(max_size=4))
+        if data.draw(st.booleans()) and key in target:
+            del target[key]
+        else:
+            target[key] = data.draw(_json)
+    mutated = _join(header, raw, align=data.draw(st.booleans()))
+    try:
+        out = loads(mutated, packed=True)
+    except cj.FormatError:
+        return
+    _check_accepted(out, mutated)
+    expanded = loads(mutated)
+    assert all(isinstance(x, np.ndarray) for x in _flat(expanded).values())
+
+
+def test_a_format_error_is_a_value_error():
+    assert issubclass(cj.FormatError, ValueError)
+    with pytest.raises(ValueError):
+        loads(b"garbage" * 10)
+
+
+def test_bf16_dense_leaves_round_trip(workdir):
+    tree = {"e": jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3), "f": np.float64(2.5)}
+    cj.save(workdir / "bf.cjx", tree)
+    out = cj.load(workdir / "bf.cjx")
+    assert bits_equal(out["e"], np.asarray(tree["e"])) and bits_equal(out["f"], tree["f"])

@@ -1,13 +1,16 @@
 """The `clusterjax` command line: post-training clustering of checkpoints.
 
     clusterjax compress INPUT --clusters K [--init kmeans] [--per-channel] [--rules FILE] --out OUT
-    clusterjax inspect FILE
+    clusterjax inspect FILE [--json]
     clusterjax decompress FILE --out OUT
 
-Inputs: `.safetensors`, `.npz` (loaded with `allow_pickle=False`) and Flax msgpack
-(`.msgpack`, `flax.serialization`). Flat keys such as `Dense_0/kernel` become nested
-params. Errors print one line, `clusterjax: error: ...`, and exit with status 2.
-"""
+Inputs: `.safetensors`, `.npz` (read with `allow_pickle=False`) and Flax msgpack
+(`.msgpack`, read with `flax.serialization.msgpack_restore`); nothing is ever unpickled.
+Flat keys such as `Dense_0/kernel` are split on '/' into nested params (other keys, e.g.
+`layer.weight`, stay as they are), so leaf paths and rules look the same as in Python.
+`decompress` writes the same flat keys back. Errors print one line,
+`clusterjax: error: ...`, to stderr and exit with status 2.
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -17,246 +20,454 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from clusterjax._src.tree import leaves_with_paths
+from clusterjax._src.spec import GRANULARITIES, INIT_METHODS
 
 _SPEC_KEYS = (
     "num_clusters", "init", "granularity", "channel_axis", "group_size",
     "preserve_sparsity", "gradient_aggregation", "update_indices",
 )  # fmt: skip
+_INPUTS = (".safetensors", ".npz", ".msgpack")
+_OUTPUTS = (".safetensors", ".npz", ".msgpack")
 
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
-def _nest(flat: dict[str, np.ndarray]) -> dict:
+def _nest(flat: dict[str, Any], source: str) -> dict:
+    """`{"a/b": x}` -> `{"a": {"b": x}}`; keys without '/' stay as they are."""
     out: dict = {}
-    for key, value in flat.items():
-        parts = [p for p in key.split("/" if "/" in key else ".") if p] or [key]
+    for key in sorted(flat):
+        parts = key.split("/")
+        if not all(parts):
+            raise CLIError(f"{source}: key {key!r} has an empty path component")
         node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
+        for i, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise CLIError(f"key {key!r} lies below another array")
-        node[parts[-1]] = value
+                raise CLIError(
+                    f"{source}: key {key!r} lies below the array {'/'.join(parts[: i + 1])!r}"
+                )
+        if parts[-1] in node:
+            raise CLIError(f"{source}: key {key!r} is both an array and a prefix of other keys")
+        node[parts[-1]] = flat[key]
     return out
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Inverse of `_nest`: nested dicts -> `{"a/b": x}`."""
+    if not isinstance(tree, dict):
+        return {prefix or "array": tree}
     out = {}
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}/"))
-    else:
-        out[prefix[:-1]] = np.asarray(tree)
+    for k, v in tree.items():
+        key = f"{prefix}/{k}" if prefix else str(k)
+        out.update(_flatten(v, key) if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _check_arrays(tree: Any, source: str) -> dict:
+    """Every leaf must be a numeric NumPy array (or scalar); returns the tree as dicts."""
+    if not isinstance(tree, dict):
+        raise CLIError(
+            f"{source}: expected a mapping of names to arrays, got {type(tree).__name__}"
+        )
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out[str(key)] = _check_arrays(value, source)
+            continue
+        if isinstance(value, (list, tuple)):
+            value = {str(i): v for i, v in enumerate(value)}
+            out[str(key)] = _check_arrays(value, source)
+            continue
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "biuf" and arr.dtype.name != "bfloat16":
+            raise CLIError(f"{source}: entry {key!r} is not a numeric array (dtype {arr.dtype})")
+        out[str(key)] = arr
     return out
 
 
 def read_checkpoint(path: str) -> dict:
-    """Reads a checkpoint into nested dicts of NumPy arrays (never unpickles)."""
-    if not os.path.isfile(path):
+    """Reads a checkpoint into nested dicts of NumPy arrays (never unpickles).
+
+    Args:
+      path: a `.safetensors`, `.npz` or `.msgpack` (Flax) file.
+
+    Returns:
+      Nested dicts of arrays. A Flax msgpack checkpoint holding `{"params": ...}` (the
+      variables of a linen model) returns its params.
+
+    Raises:
+      CLIError: for a missing, unsupported or unreadable file.
+
+    Example:
+      >>> import os, tempfile, numpy as np
+      >>> from clusterjax._src.cli import read_checkpoint
+      >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.npz")
+      >>> np.savez(path, **{"Dense_0/kernel": np.ones((2, 3)), "Dense_0/bias": np.zeros(3)})
+      >>> tree = read_checkpoint(path)
+      >>> sorted(tree["Dense_0"]), tree["Dense_0"]["kernel"].shape
+      (['bias', 'kernel'], (2, 3))
+    """
+    if not os.path.exists(path):
         raise CLIError(f"no such file: {path}")
+    if not os.path.isfile(path):
+        raise CLIError(f"not a file: {path}")
     lower = path.lower()
+    if not lower.endswith(_INPUTS):
+        raise CLIError(f"unsupported input {path!r}: use a {', '.join(_INPUTS)} file")
     try:
         if lower.endswith(".safetensors"):
             from safetensors.numpy import load_file
 
-            return _nest(load_file(path))
+            return _nest(load_file(path), path)
         if lower.endswith(".npz"):
             with np.load(path, allow_pickle=False) as z:
-                return _nest({k: z[k] for k in z.files})
-        if lower.endswith((".msgpack", ".flax")):
-            from flax import serialization
+                return _nest({k: z[k] for k in z.files}, path)
+        from flax import serialization
 
-            with open(path, "rb") as f:
-                tree = serialization.msgpack_restore(f.read())
-            if isinstance(tree, dict) and set(tree) == {"params"}:
-                tree = tree["params"]
-            return tree
+        with open(path, "rb") as f:
+            tree = serialization.msgpack_restore(f.read())
+        if isinstance(tree, dict) and set(tree) == {"params"}:
+            tree = tree["params"]
+        return _check_arrays(tree, path)
     except CLIError:
         raise
     except Exception as err:  # corrupt input of any kind: one line, no traceback
-        raise CLIError(f"cannot read {path}: {type(err).__name__}: {err}") from None
-    raise CLIError(f"unsupported input {path!r}: use .safetensors, .npz or .msgpack")
+        msg = str(err).splitlines()[0] if str(err) else ""
+        raise CLIError(f"cannot read {path}: {type(err).__name__}: {msg}") from None
 
 
-def _rules(args) -> Any:
-    import clusterjax as cj
+def write_checkpoint(path: str, tree: Any) -> int:
+    """Writes nested dicts of arrays as `.safetensors`, `.npz` or `.msgpack`; returns #arrays.
 
-    if args.rules:
+    Nested keys are joined with '/' for the flat formats (the keys `read_checkpoint`
+    splits again).
+
+    Example:
+      >>> import os, tempfile, numpy as np
+      >>> from clusterjax._src.cli import read_checkpoint, write_checkpoint
+      >>> path = os.path.join(tempfile.mkdtemp(), "dense.safetensors")
+      >>> write_checkpoint(path, {"Dense_0": {"kernel": np.ones((2, 3), np.float32)}})
+      1
+      >>> read_checkpoint(path)["Dense_0"]["kernel"].dtype
+      dtype('float32')
+    """
+    lower = path.lower()
+    flat = {k: np.ascontiguousarray(v) for k, v in _flatten(tree).items()}
+    if lower.endswith(".safetensors"):
+        from safetensors.numpy import save_file
+
+        save_file(flat, path)
+    elif lower.endswith(".npz"):
+        bf16 = [k for k, v in flat.items() if v.dtype.name == "bfloat16"]
+        if bf16:
+            raise CLIError(
+                f"{path}: .npz cannot hold bfloat16 (NumPy reads it back as raw bytes), "
+                f"e.g. {bf16[0]!r}; write .safetensors or .msgpack instead"
+            )
+        with open(path, "wb") as f:
+            np.savez(f, **flat)
+    elif lower.endswith(".msgpack"):
+        from flax import serialization
+
+        nested = tree if isinstance(tree, dict) else {"array": tree}
+        with open(path, "wb") as f:
+            f.write(serialization.msgpack_serialize(nested))
+    else:
+        raise CLIError(f"unsupported output {path!r}: use a {', '.join(_OUTPUTS)} file")
+    return len(flat)
+
+
+def _spec_from_json(pattern: str, kw: Any, args: argparse.Namespace):
+    from clusterjax._src.spec import ClusterSpec
+
+    if not isinstance(kw, dict):
+        raise CLIError(
+            f"rules file: rule {pattern!r} maps to {kw!r}; expected null or an object with "
+            f"keys from {', '.join(_SPEC_KEYS)}"
+        )
+    unknown = sorted(set(kw) - set(_SPEC_KEYS))
+    if unknown:
+        raise CLIError(
+            f"rules file: rule {pattern!r} has unknown key(s) {unknown}; allowed: "
+            f"{', '.join(_SPEC_KEYS)}"
+        )
+    kw = dict(kw)
+    if "num_clusters" not in kw:
+        if args.clusters is None:
+            raise CLIError(
+                f"rules file: rule {pattern!r} has no num_clusters; give it in the rule "
+                "or pass --clusters K"
+            )
+        kw["num_clusters"] = args.clusters
+    kw.setdefault("init", args.init)
+    try:
+        return ClusterSpec(**kw)
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"rules file: rule {pattern!r}: {err}") from None
+
+
+def _read_rules(args: argparse.Namespace) -> list[tuple[str, re.Pattern, Any]]:
+    try:
+        with open(args.rules, encoding="utf-8") as f:
+            raw = json.load(f)
+    except OSError as err:
+        raise CLIError(f"cannot read rules file {args.rules}: {err.strerror or err}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CLIError(f"rules file {args.rules} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise CLIError(
+            f"rules file {args.rules} must hold a JSON object {{regex: spec kwargs or null}}"
+        )
+    rules = []
+    for pattern, kw in raw.items():
         try:
-            with open(args.rules) as f:
-                raw = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            raise CLIError(f"cannot read rules file {args.rules}: {err}") from None
-        if not isinstance(raw, dict):
-            raise CLIError("the rules file must hold a JSON object {regex: spec or null}")
-        rules = {}
-        for pattern, kw in raw.items():
-            if kw is None:
-                rules[pattern] = None
-                continue
-            if not isinstance(kw, dict) or set(kw) - set(_SPEC_KEYS):
-                raise CLIError(
-                    f"rule {pattern!r}: expected null or an object with keys from {_SPEC_KEYS}"
-                )
-            kw = {"num_clusters": args.clusters, **kw}
-            rules[pattern] = cj.ClusterSpec(**kw)
-        return rules
-    return cj.ClusterSpec(
-        num_clusters=args.clusters,
-        init=args.init,
-        granularity="channel" if args.per_channel else "tensor",
-        channel_axis=args.channel_axis,
-    )
+            rx = re.compile(pattern)
+        except re.error as err:
+            raise CLIError(f"rules file: {pattern!r} is not a valid regex: {err}") from None
+        rules.append((pattern, rx, None if kw is None else _spec_from_json(pattern, kw, args)))
+    return rules
 
 
-def _compress(args) -> int:
-    import jax
+def _default_spec(args: argparse.Namespace):
+    from clusterjax._src.spec import ClusterSpec
 
-    import clusterjax as cj
-
-    if args.clusters is None and not args.rules:
+    if args.clusters is None:
         raise CLIError("compress needs --clusters K (or --rules FILE)")
-    params = read_checkpoint(args.input)
-    rules = _rules(args)
-    leaves = leaves_with_paths(params)
+    if args.group_size is not None:
+        granularity = "group"
+    else:
+        granularity = "channel" if args.per_channel else "tensor"
+    try:
+        return ClusterSpec(
+            num_clusters=args.clusters,
+            init=args.init,
+            granularity=granularity,
+            channel_axis=args.channel_axis,
+            group_size=args.group_size,
+            preserve_sparsity=args.preserve_sparsity,
+        )
+    except ValueError as err:
+        raise CLIError(str(err)) from None
 
-    # One leaf at a time, with a progress bar: large checkpoints take a while.
-    state_parts = {}
-    with tqdm(total=len(leaves), desc="clustering", file=sys.stderr, disable=args.quiet) as bar:
-        for path, leaf in leaves:
-            sub = {"x": leaf}
-            if isinstance(rules, cj.ClusterSpec):
-                sub_rules = rules
-            elif any(re.fullmatch(p, path) for p in rules):
-                first = next(p for p in rules if re.fullmatch(p, path))
-                sub_rules = {"x": rules[first]}
-            else:
-                sub_rules = {"x": None}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                state_parts[path] = cj.init(sub, sub_rules, key=jax.random.key(args.seed))
-            bar.update(1)
+
+def _compress(args: argparse.Namespace) -> int:
+    import jax
+    from tqdm import tqdm
+
+    from clusterjax._src import core, fileformat, packing, summary
+    from clusterjax._src.tree import leaves_with_paths
+
+    if args.out.lower().endswith(_OUTPUTS):
+        raise CLIError(
+            f"--out {args.out!r}: compress writes the clusterjax packed format, not "
+            f"{os.path.splitext(args.out)[1]}; name it e.g. model.cjx (decompress writes "
+            "dense checkpoints)"
+        )
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):  # fail before the (long) clustering, not after it
+        raise CLIError(f"--out {args.out!r}: no such directory {out_dir}")
+    rules = _read_rules(args) if args.rules else None
+    spec = None if rules is not None else _default_spec(args)
+    params = read_checkpoint(args.input)
+    flat = leaves_with_paths(params)
     treedef = jax.tree.structure(params, is_leaf=lambda x: x is None)
-    fields = {
-        f: jax.tree.unflatten(treedef, [getattr(state_parts[p], f)["x"] for p, _ in leaves])
-        for f in cj.ClusterState._fields
-    }
-    state = cj.ClusterState(**fields)
-    if all(part.specs["x"] is None for part in state_parts.values()):
-        raise CLIError("no leaf was selected for clustering (check --clusters / --rules)")
-    nbytes = cj.save(args.out, params, state)
-    print(cj.summary(params, state))
+    key = jax.random.key(args.seed)
+    used: set[str] = set()
+    messages: list[str] = []
+    fields: dict[str, list] = {f: [] for f in core.ClusterState._fields}
+
+    # One leaf at a time (a progress bar: big checkpoints take a while), each at its own
+    # position in the full tree, so the result equals cj.init(params, rules, key=key).
+    bar = tqdm(
+        total=len(flat), desc="clustering", unit="leaf", file=sys.stderr,
+        disable=True if args.quiet else None, leave=False,
+    )  # fmt: skip
+    with bar:
+        for position, (path, _) in enumerate(flat):
+            bar.set_postfix_str(path[-40:], refresh=False)
+            if rules is None:
+                choice = spec
+            else:
+                match = next(((p, s) for p, rx, s in rules if rx.fullmatch(path)), None)
+                if match is not None:
+                    used.add(match[0])
+                chosen = None if match is None else match[1]
+                choice = lambda p, w, chosen=chosen: chosen  # noqa: E731
+            only = jax.tree.unflatten(
+                treedef, [w if i == position else None for i, (_, w) in enumerate(flat)]
+            )
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                part = core.init(only, choice, key=key)
+            messages += [str(w.message) for w in caught if str(w.message) not in messages]
+            for name in fields:
+                fields[name].append(treedef.flatten_up_to(getattr(part, name))[position])
+            bar.update(1)
+    if rules is not None:
+        unused = [p for p, _, _ in rules if p not in used]
+        if unused:
+            sample = ", ".join(repr(p) for p, _ in flat[:4])
+            messages.append(
+                f"rule(s) {', '.join(map(repr, unused))} matched no leaf (rules are matched "
+                f"with re.fullmatch against paths such as {sample})"
+            )
+    for msg in messages:
+        print(f"clusterjax: warning: {msg}", file=sys.stderr)
+    if all(s is None for s in fields["specs"]):
+        raise CLIError(
+            "no leaf was selected for clustering (by default: floating arrays with ndim >= 2 "
+            "and at least K elements; check --clusters / --rules)"
+        )
+    state = core.ClusterState(**{f: jax.tree.unflatten(treedef, v) for f, v in fields.items()})
+    packed = packing.pack(params, state)
+    nbytes = fileformat.save(args.out, packed)
+    print(summary._summarize(packed, dict(flat)))
     print(f"wrote {args.out} ({nbytes:,} bytes)")
     return 0
 
 
-def _inspect(args) -> int:
-    import clusterjax as cj
+def _inspect(args: argparse.Namespace) -> int:
+    from clusterjax._src import fileformat, summary
 
-    if not os.path.isfile(args.file):
-        raise CLIError(f"no such file: {args.file}")
-    packed = cj.load(args.file, packed=True)
-    flat = _flatten_packed(packed)
-    rows = []
-    total_packed = total_f32 = 0
-    for path, leaf in flat.items():
-        if isinstance(leaf, cj.PackedArray):
-            rows.append((path, "x".join(map(str, leaf.shape)), str(leaf.num_clusters),
-                         leaf.granularity, leaf.dtype, leaf.nbytes, leaf.size * 4))  # fmt: skip
-        else:
-            rows.append((path, "x".join(map(str, leaf.shape)), "-", "-", str(leaf.dtype),
-                         leaf.nbytes, leaf.size * 4))  # fmt: skip
-        total_packed += rows[-1][5]
-        total_f32 += rows[-1][6]
-    header = ("path", "shape", "K", "granularity", "dtype", "packed B", "float32 B")
-    table = [header] + [r[:5] + (f"{r[5]:,}", f"{r[6]:,}") for r in rows]
-    widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
-    for r in table:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
-    ratio = total_f32 / max(total_packed, 1)
-    print(f"total: {total_packed:,} bytes packed vs {total_f32:,} float32 ({ratio:.2f}x)")
-    return 0
-
-
-def _flatten_packed(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten_packed(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _decompress(args) -> int:
-    import clusterjax as cj
-
-    if not os.path.isfile(args.file):
-        raise CLIError(f"no such file: {args.file}")
-    dense = _flatten(cj.load(args.file))
-    out = args.out
-    if out.lower().endswith(".safetensors"):
-        from safetensors.numpy import save_file
-
-        if any(v.dtype.name == "bfloat16" for v in dense.values()):
-            raise CLIError("safetensors output of bfloat16 is not supported here; use .npz")
-        save_file({k: np.ascontiguousarray(v) for k, v in dense.items()}, out)
-    elif out.lower().endswith(".npz"):
-        np.savez(out, **dense)
+    _check_file(args.file)
+    report = summary._summarize(fileformat.load(args.file, packed=True), None)
+    if args.json:
+        print(json.dumps({"file": args.file, "rows": report.rows, "totals": report.totals}))
     else:
-        raise CLIError(f"unsupported output {out!r}: use .safetensors or .npz")
-    print(f"wrote {out} ({len(dense)} arrays)")
+        print(f"{args.file}: clusterjax packed file, format version {fileformat.VERSION}")
+        print(report)
     return 0
+
+
+def _decompress(args: argparse.Namespace) -> int:
+    from clusterjax._src import fileformat
+
+    if not args.out.lower().endswith(_OUTPUTS):
+        raise CLIError(f"unsupported output {args.out!r}: use a {', '.join(_OUTPUTS)} file")
+    _check_file(args.file)
+    count = write_checkpoint(args.out, fileformat.load(args.file))
+    print(f"wrote {args.out} ({count} arrays)")
+    return 0
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise CLIError(f"no such file: {path}")
+    if not os.path.isfile(path):
+        raise CLIError(f"not a file: {path}")
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise CLIError(message)
+    def error(self, message: str):
+        raise CLIError(f"{message} (see: {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="clusterjax", description="Weight clustering for JAX checkpoints.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    c = sub.add_parser("compress", help="cluster a checkpoint post-training and save it packed")
+    """The argparse parser of the `clusterjax` command.
+
+    Example:
+      >>> from clusterjax._src.cli import build_parser
+      >>> args = build_parser().parse_args(["compress", "m.npz", "-k", "16", "-o", "m.cjx"])
+      >>> args.clusters, args.init, args.per_channel
+      (16, 'kmeans', False)
+    """
+    p = _Parser(
+        prog="clusterjax",
+        description="Weight clustering for JAX/Flax checkpoints: compress, inspect, decompress.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    c = sub.add_parser(
+        "compress",
+        help="cluster a checkpoint post-training, save it packed, print the summary",
+        description="Cluster a .safetensors / .npz / .msgpack checkpoint (no training) and "
+        "write the packed clusterjax file. By default every floating array with ndim >= 2 "
+        "is clustered; --rules picks leaves and settings per path.",
+    )
     c.add_argument("input", help=".safetensors, .npz or .msgpack checkpoint")
-    c.add_argument("--clusters", "-k", type=int, help="K, centroids per table")
-    c.add_argument("--init", default="kmeans", help="linear|random|density|kmeans++|kmeans")
+    c.add_argument("--clusters", "-k", type=int, metavar="K", help="centroids per table")
+    c.add_argument("--init", default="kmeans", choices=INIT_METHODS, help="(default: kmeans)")
     c.add_argument("--per-channel", action="store_true", help="one table per output channel")
-    c.add_argument("--channel-axis", type=int, default=-1)
-    c.add_argument("--rules", help="JSON file {regex: spec kwargs or null}, first match wins")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
-    c.add_argument("--out", "-o", required=True, help="packed output file")
+    c.add_argument(
+        "--group-size", type=int, metavar="G", help="one table per G channels (granularity group)"
+    )
+    c.add_argument(
+        "--channel-axis", type=int, default=-1, help="channel axis (default -1: Flax outputs)"
+    )
+    c.add_argument("--preserve-sparsity", action="store_true", help="keep exact zeros exactly zero")
+    c.add_argument(
+        "--rules",
+        metavar="FILE",
+        help="JSON object {regex: ClusterSpec kwargs or null}, in order, first re.fullmatch "
+        "on the '/'-joined path wins; null = leave dense; unmatched leaves stay dense. "
+        f"Spec keys: {', '.join(_SPEC_KEYS)} (num_clusters and init default to --clusters "
+        f"and --init; granularity: {', '.join(GRANULARITIES)})",
+    )
+    c.add_argument("--seed", type=int, default=0, help="PRNG seed of the init (default 0)")
+    c.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    c.add_argument("--out", "-o", required=True, metavar="OUT", help="packed output (.cjx)")
     c.set_defaults(fn=_compress)
-    i = sub.add_parser("inspect", help="print the table of a packed file")
+    i = sub.add_parser("inspect", help="print the summary table of a packed file")
     i.add_argument("file")
+    i.add_argument("--json", action="store_true", help="print rows and totals as JSON")
     i.set_defaults(fn=_inspect)
-    d = sub.add_parser("decompress", help="expand a packed file to dense arrays")
+    d = sub.add_parser("decompress", help="expand a packed file to a dense checkpoint")
     d.add_argument("file")
-    d.add_argument("--out", "-o", required=True, help=".safetensors or .npz")
+    d.add_argument(
+        "--out", "-o", required=True, metavar="OUT", help=".safetensors, .npz or .msgpack"
+    )
     d.set_defaults(fn=_decompress)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `clusterjax` console script."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `clusterjax` console script; returns the exit status.
+
+    Errors in the input, flags or files print one line, `clusterjax: error: ...`, to
+    stderr and return 2 (no traceback). Set `CLUSTERJAX_DEBUG=1` to see tracebacks.
+
+    Example:
+      >>> from clusterjax._src.cli import main
+      >>> main(["inspect", "/no/such/file.cjx"])
+      2
+    """
+    debug = bool(os.environ.get("CLUSTERJAX_DEBUG"))
     try:
         args = build_parser().parse_args(argv)
         return args.fn(args)
     except CLIError as err:
-        print(f"clusterjax: error: {err}", file=sys.stderr)
+        _error(str(err))
         return 2
-    except (ValueError, OSError) as err:  # FormatError, bad specs, unreadable files
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"clusterjax: error: {msg}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # FormatError, bad specs, unwritable outputs
+        if debug:
+            raise
+        if isinstance(err, OSError) and err.strerror:
+            _error(f"{err.strerror}: {err.filename}" if err.filename else err.strerror)
+        else:
+            _error(str(err) or type(err).__name__)
         return 2
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as err:  # a bug: still one line, unless debugging
+        if debug:
+            raise
+        _error(
+            f"internal error {type(err).__name__}: {err} (set CLUSTERJAX_DEBUG=1 for the "
+            "traceback and please report it)"
+        )
+        return 1
+
+
+def _error(message: str) -> None:
+    first = message.strip().splitlines()[0] if message.strip() else "error"
+    print(f"clusterjax: error: {first}", file=sys.stderr)
 
 
 if __name__ == "__main__":

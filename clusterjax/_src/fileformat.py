@@ -1,16 +1,22 @@
 """The packed file format: `save`, `load`, `FormatError`. No pickle anywhere.
 
-Layout (all integers little-endian; documented in BUILD.md, "Packed file format"):
+Layout, version 1 (all integers little-endian; the full spec is in BUILD.md,
+"Packed file format"):
 
-    magic    8 bytes   b"CLUSTJAX"
-    version  uint32    1
-    hlen     uint64    length of the JSON header in bytes
-    header   hlen bytes, UTF-8 JSON (see BUILD.md)
-    data     the concatenated array bytes the header points into
+    offset 0    magic    8 bytes   b"CLUSTJAX"
+    offset 8    version  uint32    1
+    offset 12   hlen     uint64    length of the header in bytes
+    offset 20   header   hlen bytes: a UTF-8 JSON object, padded with spaces so that
+                                   the data starts at a multiple of 8
+    20 + hlen   data     the arrays, in header order, each at the next multiple of 8
+                                   (zero padding in between); the file ends with the
+                                   last array
 
-Every field of the header is validated before a single array is built: types, dtypes
-from an allow-list, shapes against byte counts, offsets against the data length, packed
-index streams against K. Anything wrong raises `FormatError` naming the leaf.
+The loader validates everything before it builds a single array: the prefix, the JSON
+(an exact set of fields per leaf, with types), dtypes against an allow-list, shapes
+against byte counts, every offset against the layout rule, padding bytes, tree paths,
+decoded indices against K, finite centroid tables. Anything wrong raises `FormatError`
+(a `ValueError`) naming the leaf and the problem.
 """
 
 from __future__ import annotations
@@ -19,37 +25,180 @@ import json
 import math
 import os
 import struct
+import tempfile
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from clusterjax._src import core
-from clusterjax._src.packing import PackedArray, _is_packed, pack, unpack_bits
+from clusterjax._src.packing import MAX_BITS, PackedArray, is_packed, pack, packed_nbytes
+from clusterjax._src.packing import unpack_bits as _unpack_bits
 from clusterjax._src.spec import GRANULARITIES, index_bits
 
+PyTree = Any
 MAGIC = b"CLUSTJAX"
 VERSION = 1
+ALIGN = 8
 _PREFIX = struct.Struct("<8sIQ")
 _MAX_HEADER = 1 << 30
+_MAX_NDIM = 64
+# dtype names a file may hold, little-endian (numpy's `dtype.name` spelling).
 _DTYPES = {
-    name: np.dtype(dt)
+    name: np.dtype(dt).newbyteorder("<")
     for name, dt in [
         ("float64", np.float64), ("float32", np.float32), ("float16", np.float16),
-        ("bfloat16", jax.numpy.bfloat16), ("int64", np.int64), ("int32", np.int32),
+        ("bfloat16", jnp.bfloat16), ("int64", np.int64), ("int32", np.int32),
         ("int16", np.int16), ("int8", np.int8), ("uint64", np.uint64),
         ("uint32", np.uint32), ("uint16", np.uint16), ("uint8", np.uint8), ("bool", np.bool_),
     ]
 }  # fmt: skip
+_FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 _TABLE_DTYPES = ("float32", "float64")
+_TOP_FIELDS = {"format", "data_nbytes", "leaves"}
+_DENSE_FIELDS = {"path", "kind", "shape", "dtype", "offset", "nbytes"}
+_CLUSTERED_FIELDS = {
+    "path", "kind", "shape", "dtype", "num_clusters", "bits", "granularity", "channel_axis",
+    "group_size", "table_dtype", "table_shape", "table_offset", "table_nbytes",
+    "indices_offset", "indices_nbytes",
+}  # fmt: skip
 
 
 class FormatError(ValueError):
-    """A packed file is malformed: truncated, wrong magic or version, or inconsistent."""
+    """A packed file is malformed: truncated, wrong magic or version, or inconsistent.
+
+    Raised by `clusterjax.load` for every problem found in the file (never a bare
+    `KeyError`/`TypeError`, never a half-built tree). The message names the leaf path and
+    what is wrong. A subclass of `ValueError`, so `except ValueError` catches it too.
+
+    Example:
+      >>> import clusterjax as cj
+      >>> from clusterjax._src.fileformat import loads
+      >>> try:
+      ...     loads(b"PK\\x03\\x04 this is a zip file")
+      ... except cj.FormatError as err:
+      ...     print(err)
+      not a clusterjax file: magic b'PK\\x03\\x04 thi', expected b'CLUSTJAX'
+    """
 
 
-def save(path: str | os.PathLike, packed_or_params: Any, state: core.ClusterState | None = None):
-    """Writes a packed model to `path`.
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _components(keypath) -> list[str | int]:
+    """Path components of a key path: the pieces `path_str` joins with '/'.
+
+    Integer dict keys and sequence positions stay integers (nnx keeps the layers of
+    `nnx.Sequential` under int keys, and `nnx.update` needs them back as ints); every
+    other key becomes its string form.
+    """
+    parts: list[str | int] = []
+    for key in keypath:
+        if isinstance(key, jax.tree_util.DictKey):
+            k = key.key
+            parts.append(
+                int(k) if isinstance(k, (int, np.integer)) and not isinstance(k, bool) else str(k)
+            )
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(int(key.idx))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            parts.append(str(key.name))
+        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+            parts.append(int(key.key))
+        else:
+            parts.append(str(key))
+    if (
+        len(parts) > 1
+        and parts[-1] == "value"
+        and isinstance(keypath[-1], jax.tree_util.GetAttrKey)
+    ):
+        parts.pop()  # the array inside an nnx Variable
+    return parts
+
+
+def _join(parts: list) -> str:
+    return "/".join(str(p) for p in parts)
+
+
+def _dense_array(name: str, leaf: Any) -> np.ndarray:
+    arr = np.asarray(leaf)
+    if arr.dtype.name not in _DTYPES:
+        raise ValueError(
+            f"cj.save: leaf {name!r} has dtype {arr.dtype}, which the format does not store; "
+            f"supported: {', '.join(_DTYPES)}. Fix: cast it, or leave it out of the tree."
+        )
+    return np.asarray(arr, dtype=_DTYPES[arr.dtype.name], order="C")  # keeps 0-d
+
+
+def _plan(packed: PyTree) -> tuple[bytes, list[tuple[int, np.ndarray]], int]:
+    """Header bytes (padded), `(offset, array)` blobs and the data length of a packed tree."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(packed, is_leaf=is_packed)
+    entries, blobs, seen = [], [], {}
+    end = 0
+
+    def place(arr: np.ndarray) -> tuple[int, int]:
+        nonlocal end
+        offset = _align(end)
+        blobs.append((offset, arr))
+        end = offset + arr.nbytes
+        return offset, arr.nbytes
+
+    for keypath, leaf in flat:
+        parts = _components(keypath)
+        name = _join(parts)
+        if name in seen:
+            raise ValueError(
+                f"cj.save: two leaves have the same path {name!r} (keys {seen[name]} and "
+                f"{jax.tree_util.keystr(keypath)}); the file keys leaves by path. Fix: give "
+                "them distinct names."
+            )
+        seen[name] = jax.tree_util.keystr(keypath)
+        if isinstance(leaf, PackedArray):
+            tables = np.asarray(leaf.tables)
+            if tables.dtype.name not in _TABLE_DTYPES:
+                raise ValueError(
+                    f"cj.save: leaf {name!r} has centroid tables of dtype {tables.dtype}; "
+                    f"the format stores {' or '.join(_TABLE_DTYPES)} tables."
+                )
+            tables = np.ascontiguousarray(tables, dtype=_DTYPES[tables.dtype.name])
+            t_off, t_len = place(tables)
+            i_off, i_len = place(np.ascontiguousarray(np.asarray(leaf.packed), np.uint8))
+            entries.append({
+                "path": parts, "kind": "clustered", "shape": list(leaf.shape),
+                "dtype": leaf.dtype, "num_clusters": int(leaf.num_clusters), "bits": leaf.bits,
+                "granularity": leaf.granularity, "channel_axis": leaf.channel_axis,
+                "group_size": int(leaf.group_size), "table_dtype": tables.dtype.name,
+                "table_shape": list(tables.shape), "table_offset": t_off, "table_nbytes": t_len,
+                "indices_offset": i_off, "indices_nbytes": i_len,
+            })  # fmt: skip
+        else:
+            arr = _dense_array(name, leaf)
+            off, length = place(arr)
+            entries.append({
+                "path": parts, "kind": "dense", "shape": list(arr.shape),
+                "dtype": arr.dtype.name, "offset": off, "nbytes": length,
+            })  # fmt: skip
+    header = json.dumps(
+        {"format": "clusterjax", "data_nbytes": end, "leaves": entries},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode("utf-8")
+    header += b" " * (_align(_PREFIX.size + len(header)) - _PREFIX.size - len(header))
+    return header, blobs, end
+
+
+def save(
+    path: str | os.PathLike,
+    packed_or_params: PyTree,
+    state: core.ClusterState | None = None,
+) -> int:
+    """Writes a packed model to `path` (atomically: a temporary file, then a rename).
+
+    Clustered leaves are stored bit-packed with their centroid tables; every other array
+    leaf is stored as it is (dtypes: float64/32/16, bfloat16, (u)int8-64, bool). `None`
+    leaves are dropped. The format is described in BUILD.md, "Packed file format".
 
     Args:
       path: the file to write.
@@ -58,253 +207,376 @@ def save(path: str | os.PathLike, packed_or_params: Any, state: core.ClusterStat
       state: the `ClusterState` of `packed_or_params` when those are dense params.
 
     Returns:
-      The number of bytes written.
+      The number of bytes written (the file size).
+
+    Raises:
+      ValueError: for a leaf dtype the format cannot store, two leaves with the same
+        path, or (from `clusterjax.pack`) a state that does not fit the params.
 
     Example:
       >>> import os, tempfile, jax
       >>> import clusterjax as cj
       >>> params = {"w": jax.random.normal(jax.random.key(0), (256, 64)), "b": jax.numpy.zeros(64)}
-      >>> state = cj.init(params, cj.ClusterSpec(num_clusters=16), key=jax.random.key(1))
+      >>> spec = cj.ClusterSpec(num_clusters=16, init="linear")
+      >>> state = cj.init(params, spec, key=jax.random.key(1))
       >>> path = os.path.join(tempfile.mkdtemp(), "model.cjx")
-      >>> cj.save(path, params, state) < 256 * 64 * 4 // 6
-      True
+      >>> cj.save(path, params, state)   # 8192 B indices + 64 B table + 256 B bias + header
+      8952
       >>> bool((cj.load(path)["w"] == cj.strip(params, state)["w"]).all())
       True
     """
     packed = pack(packed_or_params, state) if state is not None else packed_or_params
-    flat, _ = jax.tree_util.tree_flatten_with_path(packed, is_leaf=_is_packed)
-    leaves, chunks, offset = [], [], 0
-
-    def add(arr: np.ndarray) -> tuple[int, int]:
-        nonlocal offset
-        raw = np.ascontiguousarray(arr).tobytes()
-        chunks.append(raw)
-        start = offset
-        offset += len(raw)
-        return start, len(raw)
-
-    for keypath, leaf in flat:
-        parts = _components(keypath)
-        if isinstance(leaf, PackedArray):
-            tables = np.asarray(leaf.tables)
-            t_off, t_len = add(tables)
-            i_off, i_len = add(np.asarray(leaf.packed, np.uint8))
-            leaves.append({
-                "path": parts, "kind": "clustered", "shape": list(leaf.shape),
-                "dtype": leaf.dtype, "num_clusters": leaf.num_clusters, "bits": leaf.bits,
-                "granularity": leaf.granularity, "channel_axis": leaf.channel_axis,
-                "group_size": leaf.group_size, "table_dtype": str(tables.dtype),
-                "table_shape": list(tables.shape), "table_offset": t_off,
-                "table_nbytes": t_len, "indices_offset": i_off, "indices_nbytes": i_len,
-            })  # fmt: skip
-        else:
-            arr = np.asarray(leaf)
-            dtype = str(arr.dtype)
-            if dtype not in _DTYPES:
-                raise ValueError(
-                    f"cj.save: leaf {'/'.join(parts)!r} has dtype {dtype}, which the format "
-                    f"does not store; supported: {', '.join(_DTYPES)}."
-                )
-            off, length = add(arr)
-            leaves.append({
-                "path": parts, "kind": "dense", "shape": list(arr.shape), "dtype": dtype,
-                "offset": off, "nbytes": length,
-            })  # fmt: skip
-    header = json.dumps(
-        {"format": "clusterjax", "leaves": leaves, "data_nbytes": offset},
-        separators=(",", ":"),
-    ).encode()
-    with open(path, "wb") as f:
-        f.write(_PREFIX.pack(MAGIC, VERSION, len(header)))
-        f.write(header)
-        for chunk in chunks:
-            f.write(chunk)
-    return _PREFIX.size + len(header) + offset
+    header, blobs, data_nbytes = _plan(packed)
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".clusterjax-", suffix=".tmp", dir=directory)
+    except OSError as err:  # report the file the user named, not the temporary one
+        raise OSError(err.errno, err.strerror, path) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(_PREFIX.pack(MAGIC, VERSION, len(header)))
+            f.write(header)
+            end = 0
+            for offset, arr in blobs:
+                f.write(b"\0" * (offset - end))
+                f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+                end = offset + arr.nbytes
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return _PREFIX.size + len(header) + data_nbytes
 
 
-def _components(keypath) -> list[str]:
-    parts = []
-    for key in keypath:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(str(key.name))
-        else:
-            parts.append(str(getattr(key, "key", key)))
-    if (
-        len(parts) > 1
-        and parts[-1] == "value"
-        and isinstance(keypath[-1], jax.tree_util.GetAttrKey)
-    ):
-        parts.pop()
-    return parts or ["_"]
+def file_size(packed: PyTree) -> int:
+    """The exact size in bytes of the file `save` would write for a packed tree.
+
+    Example:
+      >>> import jax
+      >>> import clusterjax as cj
+      >>> from clusterjax._src.fileformat import file_size
+      >>> params = {"w": jax.random.normal(jax.random.key(0), (256, 64))}
+      >>> spec = cj.ClusterSpec(num_clusters=16, init="linear")
+      >>> state = cj.init(params, spec, key=jax.random.key(1))
+      >>> file_size(cj.pack(params, state))
+      8608
+    """
+    header, _, data_nbytes = _plan(packed)
+    return _PREFIX.size + len(header) + data_nbytes
 
 
-def load(path: str | os.PathLike, *, packed: bool = False) -> dict:
-    """Reads a file written by `clusterjax.save`.
+def load(path: str | os.PathLike, *, packed: bool = False) -> PyTree:
+    """Reads a file written by `clusterjax.save`. Never unpickles, never executes code.
+
+    The tree comes back as nested dicts keyed by the saved path components, the shape of
+    Flax linen params: string keys and attribute names as strings; integer dict keys and
+    list/tuple positions as ints (lists come back as dicts `{0: ..., 1: ...}`). An nnx
+    `State` comes back as the nested dict of its arrays (the `Variable` wrappers are not
+    stored): restore a model with `nnx.update(model, nnx.State(loaded))`. A file holding
+    one bare array returns that array.
 
     Args:
       path: the file.
-      packed: return `PackedArray`s for clustered leaves instead of expanding them.
+      packed: return `PackedArray`s at clustered leaves instead of expanding them.
 
     Returns:
-      Nested dicts keyed by the path components of the saved tree (the shape of Flax
-      linen params). Dense leaves equal `clusterjax.strip` of the saved model bit for bit.
+      Nested dicts of NumPy arrays. Clustered leaves equal `clusterjax.strip` of the
+      saved model bit for bit (or are `PackedArray`s with `packed=True`); other leaves
+      are the saved arrays.
 
     Raises:
-      FormatError: (a `ValueError`) for any malformed file; it never unpickles.
+      FormatError: (a `ValueError`) for any malformed file, naming the leaf and problem.
+      OSError: if the file cannot be read.
 
     Example:
       >>> import os, tempfile, jax
       >>> import clusterjax as cj
       >>> params = {"layer": {"kernel": jax.random.normal(jax.random.key(0), (16, 16))}}
-      >>> state = cj.init(params, cj.ClusterSpec(num_clusters=4), key=jax.random.key(1))
+      >>> spec = cj.ClusterSpec(num_clusters=4, init="linear")
+      >>> state = cj.init(params, spec, key=jax.random.key(1))
       >>> path = os.path.join(tempfile.mkdtemp(), "m.cjx")
       >>> _ = cj.save(path, params, state)
       >>> cj.load(path, packed=True)["layer"]["kernel"].num_clusters
       4
+      >>> cj.load(path)["layer"]["kernel"].dtype
+      dtype('float32')
     """
     with open(path, "rb") as f:
         blob = f.read()
     return loads(blob, packed=packed)
 
 
-def loads(blob: bytes, *, packed: bool = False) -> dict:
-    """`load` from bytes in memory."""
+def loads(blob: bytes, *, packed: bool = False) -> PyTree:
+    """`load` from bytes in memory.
+
+    Example:
+      >>> from clusterjax._src.fileformat import loads
+      >>> loads(b"CLUSTJAX")
+      Traceback (most recent call last):
+      ...
+      clusterjax._src.fileformat.FormatError: truncated file: 8 bytes, shorter than the 20-byte prefix
+    """  # noqa: E501
+    blob = bytes(blob)
+    header = read_header(blob)
+    start = _PREFIX.size + _PREFIX.unpack_from(blob, 0)[2]
+    data = memoryview(blob)[start:]
+    items = [_read_leaf(entry, data, packed) for entry in header["leaves"]]
+    _check_padding(header["leaves"], data)
+    if len(items) == 1 and items[0][0] == []:
+        return items[0][1]
+    out: dict = {}
+    names: set[str] = set()
+    for path, value in items:
+        _insert(out, path, value, names)
+    return out
+
+
+def read_header(blob: bytes) -> dict:
+    """Validates the prefix and the JSON header of a packed file's bytes; returns the header.
+
+    Checks everything that does not need the array bytes: magic, version, lengths, the
+    JSON structure and every leaf's fields, shapes and offsets (see `loads` for the rest).
+
+    Example:
+      >>> import os, tempfile, jax
+      >>> import clusterjax as cj
+      >>> from clusterjax._src.fileformat import read_header
+      >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
+      >>> spec = cj.ClusterSpec(num_clusters=4, init="linear")
+      >>> state = cj.init(params, spec, key=jax.random.key(1))
+      >>> path = os.path.join(tempfile.mkdtemp(), "m.cjx")
+      >>> _ = cj.save(path, params, state)
+      >>> entry = read_header(open(path, "rb").read())["leaves"][0]
+      >>> entry["path"], entry["num_clusters"], entry["bits"], entry["indices_nbytes"]
+      (['w'], 4, 2, 16)
+    """
     if len(blob) < _PREFIX.size:
-        raise FormatError(f"not a clusterjax file: {len(blob)} bytes, shorter than the header")
+        if blob[: len(MAGIC)] != MAGIC[: len(blob)]:
+            raise FormatError(f"not a clusterjax file: magic {bytes(blob[:8])!r}")
+        raise FormatError(
+            f"truncated file: {len(blob)} bytes, shorter than the {_PREFIX.size}-byte prefix"
+        )
     magic, version, hlen = _PREFIX.unpack_from(blob, 0)
     if magic != MAGIC:
         raise FormatError(f"not a clusterjax file: magic {magic!r}, expected {MAGIC!r}")
     if version != VERSION:
+        newer = " (written by a newer clusterjax: upgrade to read it)" if version > VERSION else ""
         raise FormatError(
-            f"unsupported clusterjax format version {version}; this version reads {VERSION}. "
-            "Upgrade clusterjax to read newer files."
+            f"unsupported clusterjax format version {version}; this version reads "
+            f"version {VERSION}{newer}"
         )
-    if hlen > min(_MAX_HEADER, len(blob) - _PREFIX.size):
+    available = len(blob) - _PREFIX.size
+    if hlen > available or hlen > _MAX_HEADER:
         raise FormatError(
-            f"truncated or corrupt file: header length {hlen} exceeds the "
-            f"{len(blob) - _PREFIX.size} bytes after the prefix"
+            f"truncated or corrupt file: header length {hlen} exceeds the {available} bytes "
+            "after the prefix"
+        )
+    if (_PREFIX.size + hlen) % ALIGN:
+        raise FormatError(
+            f"corrupt file: header length {hlen} does not end on an {ALIGN}-byte boundary"
         )
     try:
         header = json.loads(blob[_PREFIX.size : _PREFIX.size + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise FormatError(f"corrupt header: not valid JSON ({err})") from None
-    data = memoryview(blob)[_PREFIX.size + hlen :]
-    if not isinstance(header, dict) or header.get("format") != "clusterjax":
-        raise FormatError("corrupt header: missing 'format': 'clusterjax'")
-    data_nbytes = header.get("data_nbytes")
-    if not _is_int(data_nbytes) or data_nbytes != len(data):
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise FormatError(f"corrupt header: not valid UTF-8 JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise FormatError("corrupt header: not a JSON object")
+    if set(header) != _TOP_FIELDS or header["format"] != "clusterjax":
         raise FormatError(
-            f"truncated or corrupt file: header says {data_nbytes!r} data bytes, "
-            f"file has {len(data)}"
+            f"corrupt header: fields {sorted(header)}, expected {sorted(_TOP_FIELDS)} with "
+            "format 'clusterjax'"
         )
-    leaves = header.get("leaves")
+    data_nbytes = header["data_nbytes"]
+    if not _is_int(data_nbytes) or data_nbytes != available - hlen:
+        raise FormatError(
+            f"truncated or corrupt file: header says {data_nbytes!r} data bytes, the file "
+            f"has {available - hlen}"
+        )
+    leaves = header["leaves"]
     if not isinstance(leaves, list):
         raise FormatError("corrupt header: 'leaves' must be a list")
-    out: dict = {}
+    end = 0
     for entry in leaves:
-        path, value = _read_leaf(entry, data, packed)
-        _insert(out, path, value)
-    return out
+        end = _check_entry(entry, end, len(leaves))
+    if end != data_nbytes:
+        raise FormatError(
+            f"corrupt file: the arrays end at data byte {end}, but there are {data_nbytes}"
+        )
+    skeleton: dict = {}
+    names: set[str] = set()
+    for entry in leaves:  # duplicate or conflicting paths, before any array is built
+        if entry["path"]:  # (an empty path is a lone bare array)
+            _insert(skeleton, entry["path"], None, names)
+    return header
 
 
-def _is_int(x) -> bool:
+def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _read_leaf(entry, data, packed):
-    if not isinstance(entry, dict):
-        raise FormatError("corrupt header: a leaf entry is not an object")
-    path = entry.get("path")
-    if not isinstance(path, list) or not path or not all(isinstance(p, str) and p for p in path):
-        raise FormatError(f"corrupt header: bad leaf path {path!r}")
-    name = "/".join(path)
+def _is_component(p: Any) -> bool:
+    """A path component: a non-empty string or an integer (int dict keys, list positions)."""
+    return (isinstance(p, str) and p != "") or (_is_int(p) and -(2**63) <= p < 2**63)
 
-    def fail(msg):
+
+def _entry_name(entry: Any) -> str:
+    path = entry.get("path") if isinstance(entry, dict) else None
+    if isinstance(path, list) and all(_is_component(p) for p in path):
+        return _join(path)
+    return "?"
+
+
+def _check_entry(entry: Any, end: int, num_leaves: int) -> int:
+    """Validates one header entry; returns the data offset where its arrays end."""
+    if not isinstance(entry, dict):
+        raise FormatError("corrupt header: a leaf entry is not a JSON object")
+    path = entry.get("path")
+    if (
+        not isinstance(path, list)
+        or not all(_is_component(p) for p in path)
+        or (not path and num_leaves != 1)
+    ):
+        raise FormatError(
+            f"corrupt header: bad leaf path {path!r} (a list of non-empty strings and "
+            "integers; empty only for a file holding one bare array)"
+        )
+    name = _join(path)
+
+    def fail(msg: str):
         raise FormatError(f"leaf {name!r}: {msg}")
 
-    shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(_is_int(s) and 0 <= s < 2**40 for s in shape):
-        fail(f"bad shape {shape!r}")
-    if len(shape) > 32:
-        fail(f"too many dimensions ({len(shape)})")
-    size = math.prod(shape)
-    dtype_name = entry.get("dtype")
-    if dtype_name not in _DTYPES:
-        fail(f"unsupported dtype {dtype_name!r}")
-    dtype = _DTYPES[dtype_name]
     kind = entry.get("kind")
+    fields = {"dense": _DENSE_FIELDS, "clustered": _CLUSTERED_FIELDS}.get(
+        kind if isinstance(kind, str) else None
+    )
+    if fields is None:
+        fail(f"unknown kind {kind!r} (expected 'dense' or 'clustered')")
+    if set(entry) != fields:
+        missing, extra = sorted(fields - set(entry)), sorted(set(entry) - fields)
+        fail(f"header fields do not match a {kind} leaf (missing {missing}, unknown {extra})")
+    shape = entry["shape"]
+    if not isinstance(shape, list) or len(shape) > _MAX_NDIM:
+        fail(f"bad shape {shape!r}")
+    if not all(_is_int(s) and s >= 0 for s in shape):
+        fail(f"bad shape {shape!r}: dimensions must be non-negative integers")
+    size = math.prod(shape)
+    dtype_name = entry["dtype"]
+    if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:
+        fail(f"unsupported dtype {dtype_name!r}; allowed: {', '.join(_DTYPES)}")
 
-    def chunk(offset_key, nbytes_key, expected):
-        off, n = entry.get(offset_key), entry.get(nbytes_key)
-        if not (_is_int(off) and _is_int(n)) or off < 0 or n < 0:
-            fail(f"bad {offset_key}/{nbytes_key} {off!r}/{n!r}")
+    def chunk(offset_key: str, nbytes_key: str, expected: int, end: int) -> int:
+        off, n = entry[offset_key], entry[nbytes_key]
+        if not (_is_int(off) and _is_int(n)):
+            fail(f"{offset_key}/{nbytes_key} must be integers, got {off!r}/{n!r}")
         if n != expected:
             fail(f"{nbytes_key}={n} does not match the {expected} bytes its shape needs")
-        if off + n > len(data):
-            fail(f"data [{off}, {off + n}) lies beyond the {len(data)} data bytes (truncated?)")
-        return bytes(data[off : off + n])
+        if off != _align(end):
+            fail(
+                f"{offset_key}={off}, expected {_align(end)} (arrays are stored in header "
+                f"order, each at the next multiple of {ALIGN})"
+            )
+        return off + n
 
     if kind == "dense":
-        raw = chunk("offset", "nbytes", size * dtype.itemsize)
-        return path, np.frombuffer(raw, dtype).reshape(shape).copy()
-    if kind != "clustered":
-        fail(f"unknown kind {kind!r}")
-    k = entry.get("num_clusters")
-    if not _is_int(k) or not 1 <= k <= 2**31:
+        return chunk("offset", "nbytes", size * _DTYPES[dtype_name].itemsize, end)
+
+    if dtype_name not in _FLOAT_DTYPES:
+        fail(f"clustered leaves must be floating, got dtype {dtype_name}")
+    k = entry["num_clusters"]
+    if not _is_int(k) or not 1 <= k <= 2**MAX_BITS:
         fail(f"bad num_clusters {k!r}")
-    bits = entry.get("bits")
-    if bits != index_bits(k):
+    bits = entry["bits"]
+    if not _is_int(bits) or bits != index_bits(k):
         fail(f"bits={bits!r} does not match num_clusters={k} (expected {index_bits(k)})")
-    if dtype.kind != "f" and dtype_name != "bfloat16":
-        fail(f"clustered leaves must be floating, got {dtype_name}")
-    granularity = entry.get("granularity")
-    if granularity not in GRANULARITIES:
-        fail(f"unknown granularity {granularity!r}")
-    axis, group_size = entry.get("channel_axis"), entry.get("group_size")
+    granularity = entry["granularity"]
+    if not isinstance(granularity, str) or granularity not in GRANULARITIES:
+        fail(f"unknown granularity {granularity!r}; allowed: {', '.join(GRANULARITIES)}")
+    axis, group_size = entry["channel_axis"], entry["group_size"]
     if granularity == "tensor":
+        if axis is not None or group_size != 1 or isinstance(group_size, bool):
+            fail("a 'tensor' leaf needs channel_axis null and group_size 1")
         table_shape = [k]
-        axis, group_size = None, 1
     else:
         if not _is_int(axis) or not 0 <= axis < len(shape):
             fail(f"channel_axis {axis!r} out of range for shape {shape}")
-        if not _is_int(group_size) or group_size < 1 or shape[axis] % group_size:
-            fail(f"group_size {group_size!r} does not divide {shape[axis]} channels")
+        if (
+            not _is_int(group_size)
+            or group_size < 1
+            or (granularity == "channel" and group_size != 1)
+            or shape[axis] % group_size
+        ):
+            fail(f"group_size {group_size!r} is invalid for {shape[axis]} {granularity}s")
         table_shape = [shape[axis] // group_size, k]
-    if entry.get("table_shape") != table_shape:
-        fail(f"table_shape {entry.get('table_shape')!r}, expected {table_shape}")
-    t_dtype = entry.get("table_dtype")
-    if t_dtype not in _TABLE_DTYPES:
-        fail(f"unsupported table dtype {t_dtype!r}")
-    t_np = _DTYPES[t_dtype]
-    tables = np.frombuffer(
-        chunk("table_offset", "table_nbytes", math.prod(table_shape) * t_np.itemsize), t_np
-    ).reshape(table_shape)
-    stream = np.frombuffer(
-        chunk("indices_offset", "indices_nbytes", -(-size * bits // 8)), np.uint8
-    )
-    indices = unpack_bits(stream, bits, size)
-    if size and int(indices.max()) >= k:
-        fail(f"index {int(indices.max())} out of range for num_clusters={k}")
+    if entry["table_shape"] != table_shape or not all(_is_int(t) for t in table_shape):
+        fail(f"table_shape {entry['table_shape']!r}, expected {table_shape}")
+    t_dtype = entry["table_dtype"]
+    if not isinstance(t_dtype, str) or t_dtype not in _TABLE_DTYPES:
+        fail(f"unsupported table dtype {t_dtype!r}; allowed: {', '.join(_TABLE_DTYPES)}")
+    t_bytes = math.prod(table_shape) * _DTYPES[t_dtype].itemsize
+    end = chunk("table_offset", "table_nbytes", t_bytes, end)
+    return chunk("indices_offset", "indices_nbytes", packed_nbytes(size, bits), end)
+
+
+def _check_padding(entries: list, data: memoryview) -> None:
+    end = 0
+    for entry in entries:
+        keys = ("offset",) if entry["kind"] == "dense" else ("table_offset", "indices_offset")
+        for key in keys:
+            gap = data[end : entry[key]]
+            if any(gap):
+                raise FormatError(
+                    f"leaf {_entry_name(entry)!r}: non-zero padding bytes before {key}"
+                )
+            end = entry[key] + entry[key.replace("offset", "nbytes")]
+
+
+def _read_leaf(entry: dict, data: memoryview, packed: bool) -> tuple[list, Any]:
+    """Builds the array(s) of an entry that `read_header` validated."""
+    path, shape, name = entry["path"], tuple(entry["shape"]), _entry_name(entry)
+    if entry["kind"] == "dense":
+        off, n = entry["offset"], entry["nbytes"]
+        dtype = _DTYPES[entry["dtype"]]
+        arr = np.frombuffer(data[off : off + n], dtype).reshape(shape)
+        return path, arr.astype(dtype.newbyteorder("="), copy=True)
+    k, bits, size = entry["num_clusters"], entry["bits"], math.prod(shape)
+    t_off, t_len = entry["table_offset"], entry["table_nbytes"]
+    t_dtype = _DTYPES[entry["table_dtype"]]
+    tables = np.frombuffer(data[t_off : t_off + t_len], t_dtype).reshape(entry["table_shape"])
+    tables = tables.astype(t_dtype.newbyteorder("="), copy=True)
     if not np.all(np.isfinite(tables)):
-        fail("centroid table holds NaN/Inf")
+        raise FormatError(f"leaf {name!r}: centroid table holds NaN/Inf")
+    i_off, i_len = entry["indices_offset"], entry["indices_nbytes"]
+    stream = np.frombuffer(data[i_off : i_off + i_len], np.uint8).copy()
+    spare = i_len * 8 - size * bits
+    if spare and int(stream[-1]) >> (8 - spare):
+        raise FormatError(f"leaf {name!r}: non-zero padding bits after the last index")
+    if size:
+        top = int(_unpack_bits(stream, bits, size).max())
+        if top >= k:
+            raise FormatError(f"leaf {name!r}: index {top} out of range for num_clusters={k}")
     arr = PackedArray(
-        packed=stream.copy(), tables=tables.copy(), shape=tuple(shape), dtype=dtype_name,
-        num_clusters=k, granularity=granularity, channel_axis=axis, group_size=group_size,
+        packed=stream, tables=tables, shape=shape, dtype=entry["dtype"], num_clusters=k,
+        granularity=entry["granularity"], channel_axis=entry["channel_axis"],
+        group_size=entry["group_size"],
     )  # fmt: skip
     return path, (arr if packed else np.asarray(arr.unpack()))
 
 
-def _insert(tree: dict, path: list[str], value) -> None:
+def _insert(tree: dict, path: list, value: Any, names: set[str]) -> None:
+    name = _join(path)
+    if name in names:
+        raise FormatError(f"corrupt header: duplicate path {name!r}")
+    names.add(name)
     node = tree
-    for part in path[:-1]:
+    for depth, part in enumerate(path[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise FormatError(f"corrupt header: {'/'.join(path)!r} lies below a leaf")
+            raise FormatError(
+                f"corrupt header: leaf {name!r} lies below the leaf {_join(path[: depth + 1])!r}"
+            )
         node = child
     if path[-1] in node:
-        raise FormatError(f"corrupt header: duplicate or conflicting path {'/'.join(path)!r}")
+        raise FormatError(f"corrupt header: leaf {name!r} conflicts with the leaves below it")
     node[path[-1]] = value

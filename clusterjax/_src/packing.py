@@ -1,8 +1,22 @@
-"""Packed export: bit-packed indices plus centroid tables (`PackedArray`, `pack`)."""
+"""Packed export: bit-packed indices plus centroid tables (`PackedArray`, `pack`, `unpack`).
+
+Bit layout (the same in memory and in the file, see BUILD.md "Packed file format"):
+index `i` of a leaf (C order) occupies bits `[i * b, (i + 1) * b)` of a byte stream,
+least significant bit first, where bit `j` of the stream is bit `j % 8` (LSB = 0) of
+byte `j // 8`, and `b = ceil(log2 K)` (at least 1). The stream has `ceil(n * b / 8)`
+bytes; unused high bits of the last byte are zero.
+
+Eight consecutive indices always fill exactly `b` whole bytes, so both directions work on
+`(groups, 8)` index blocks against `(groups, b)` byte blocks with a fixed, static list of
+shifts: one vectorized pass, the same code for NumPy and for `jax.numpy` (so a
+`PackedArray` can also be expanded inside `jax.jit`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any
 
 import jax
@@ -10,70 +24,214 @@ import jax.numpy as jnp
 import numpy as np
 
 from clusterjax._src import core
-from clusterjax._src.spec import index_bits
+from clusterjax._src.spec import GRANULARITIES, index_bits
+
+PyTree = Any
+MAX_BITS = 32
+_CHUNK = 1 << 22  # indices per NumPy block (a multiple of 8): bounds temporary memory
 
 
-def pack_bits(indices: np.ndarray, bits: int) -> np.ndarray:
-    """Packs non-negative integers `< 2**bits` into a little-endian bit stream (uint8).
+def _check_bits(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        raise ValueError(f"bits must be an int in [1, {MAX_BITS}], got {bits!r}.")
+    if not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be in [1, {MAX_BITS}], got {bits}.")
 
-    Index `i` occupies bits `[i * bits, (i + 1) * bits)` of the stream, least
-    significant bit first; bit `j` of the stream is bit `j % 8` of byte `j // 8`.
+
+def packed_nbytes(count: int, bits: int) -> int:
+    """Bytes of the packed stream of `count` indices at `bits` bits: `ceil(count*bits/8)`.
 
     Example:
-      >>> from clusterjax._src.packing import pack_bits, unpack_bits
+      >>> from clusterjax._src.packing import packed_nbytes
+      >>> packed_nbytes(1_000_000, 4), packed_nbytes(3, 5)
+      (500000, 2)
+    """
+    return (count * bits + 7) // 8
+
+
+def _unsigned_dtype(bits: int) -> np.dtype:
+    """The smallest unsigned dtype holding `bits`-bit values (uint8 / uint16 / uint32)."""
+    return np.dtype(np.uint8 if bits <= 8 else np.uint16 if bits <= 16 else np.uint32)
+
+
+def _pack_block(xp, groups, bits: int):
+    """`(G, 8)` uint32 values -> `(G, bits)` uint8 bytes (static shifts only)."""
+    cols = []
+    for c in range(bits):  # output byte c of every 8-value group: stream bits [8c, 8c + 8)
+        byte = None
+        for j in range(8):
+            lo = j * bits  # value j occupies stream bits [lo, lo + bits)
+            if lo >= 8 * (c + 1) or lo + bits <= 8 * c:
+                continue
+            v = groups[:, j]
+            part = (v << (lo - 8 * c)) if lo >= 8 * c else (v >> (8 * c - lo))
+            byte = part if byte is None else byte | part
+        cols.append((byte & 0xFF).astype(xp.uint8))
+    return xp.stack(cols, axis=1)
+
+
+def _unpack_block(xp, data, bits: int, out_dtype):
+    """`(G, bits)` uint8 bytes -> `(G, 8)` values (inverse of `_pack_block`)."""
+    mask = xp.uint32((1 << bits) - 1)
+    b32 = data.astype(xp.uint32)
+    cols = []
+    for j in range(8):
+        lo = j * bits
+        value = None
+        for c in range(lo // 8, (lo + bits - 1) // 8 + 1):
+            byte = b32[:, c]
+            part = (byte << (8 * c - lo)) if 8 * c >= lo else (byte >> (lo - 8 * c))
+            value = part if value is None else value | part
+        cols.append((value & mask).astype(out_dtype))
+    return xp.stack(cols, axis=1)
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Packs integers in `[0, 2**bits)` into a little-endian bit stream of uint8.
+
+    Value `i` (of the flattened input, C order) occupies stream bits
+    `[i * bits, (i + 1) * bits)`, least significant bit first; stream bit `j` is bit
+    `j % 8` of byte `j // 8`. The result has `ceil(n * bits / 8)` bytes, with the unused
+    high bits of the last byte set to zero. Vectorized NumPy, in blocks of 4M values.
+
+    Args:
+      values: non-negative integers, any shape.
+      bits: bits per value, 1 to 32.
+
+    Returns:
+      A 1-D uint8 array.
+
+    Raises:
+      ValueError: if a value is negative or does not fit in `bits` bits.
+
+    Example:
       >>> import numpy as np
-      >>> stream = pack_bits(np.array([1, 2, 3]), 2)
+      >>> from clusterjax._src.packing import pack_bits, unpack_bits
+      >>> stream = pack_bits(np.array([1, 2, 3]), 2)   # 01 10 11 -> 0b00111001
       >>> stream.tolist(), unpack_bits(stream, 2, 3).tolist()
       ([57], [1, 2, 3])
     """
-    flat = np.asarray(indices).reshape(-1).astype(np.uint32)
+    _check_bits(bits)
+    flat = np.asarray(values).reshape(-1)
+    n = flat.size
+    if n and flat.dtype.kind not in "iub":
+        raise ValueError(f"pack_bits: values must be integers, got dtype {flat.dtype}.")
+    if n and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
+        raise ValueError(
+            f"pack_bits: values must lie in [0, {1 << bits}) for {bits} bits, got "
+            f"[{int(flat.min())}, {int(flat.max())}]."
+        )
     if bits == 8:
         return flat.astype(np.uint8)
     if bits == 16:
         return flat.astype("<u2").view(np.uint8)
-    planes = ((flat[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
-    return np.packbits(planes.reshape(-1), bitorder="little")
+    out = np.empty(((n + 7) // 8) * bits, np.uint8)
+    for start in range(0, n, _CHUNK):
+        block = flat[start : start + _CHUNK].astype(np.uint32)
+        pad = -block.size % 8
+        if pad:
+            block = np.concatenate([block, np.zeros(pad, np.uint32)])
+        packed = _pack_block(np, block.reshape(-1, 8), bits).reshape(-1)
+        out[start // 8 * bits : start // 8 * bits + packed.size] = packed
+    return out[: packed_nbytes(n, bits)]
 
 
 def unpack_bits(stream: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of `pack_bits`: the first `count` integers of the stream (uint32)."""
-    stream = np.asarray(stream, np.uint8).reshape(-1)
-    if bits == 8:
-        return stream[:count].astype(np.uint32)
-    if bits == 16:
-        return stream[: 2 * count].view("<u2").astype(np.uint32)
-    planes = np.unpackbits(stream, count=count * bits, bitorder="little").reshape(count, bits)
-    weights = (1 << np.arange(bits, dtype=np.uint32)).astype(np.uint32)
-    return planes.astype(np.uint32) @ weights
+    """Inverse of `pack_bits`: the first `count` values of a bit stream.
 
+    Args:
+      stream: uint8 bytes, at least `ceil(count * bits / 8)` of them.
+      bits: bits per value, 1 to 32.
+      count: how many values to decode.
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class PackedArray:
-    """A clustered weight stored as bit-packed indices and centroid tables.
-
-    Invariants:
-      * `packed` is a uint8 stream of `ceil(size * bits / 8)` bytes holding the
-        `size = prod(shape)` indices in C order, `bits = ceil(log2 K)` each
-        (little-endian bit order, see `pack_bits`), every index `< num_clusters`;
-      * `tables` (the centroid dtype: float32, or float64 for float64 weights) has
-        shape `(K,)` ("tensor") or `(G, K)` ("channel" /
-        "group": `G = shape[channel_axis] // group_size`);
-      * `unpack()` equals `clusterjax.strip` of the weight bit for bit.
+    Returns:
+      A 1-D array of the smallest unsigned dtype holding `bits` bits (uint8 for
+      `bits <= 8`, uint16 for `<= 16`, else uint32): the dtype `ClusterState.indices`
+      uses for the same K.
 
     Example:
-      >>> import jax, jax.numpy as jnp
+      >>> import numpy as np
+      >>> from clusterjax._src.packing import pack_bits, unpack_bits
+      >>> unpack_bits(pack_bits(np.arange(17), 5), 5, 17)[-3:]
+      array([14, 15, 16], dtype=uint8)
+    """
+    _check_bits(bits)
+    stream = np.asarray(stream)
+    if stream.dtype != np.uint8:
+        raise ValueError(f"unpack_bits: the stream must be uint8, got {stream.dtype}.")
+    stream = stream.reshape(-1)
+    need = packed_nbytes(count, bits)
+    if stream.size < need:
+        raise ValueError(
+            f"unpack_bits: {count} values of {bits} bits need {need} bytes, got {stream.size}."
+        )
+    dtype = _unsigned_dtype(bits)
+    if bits == 8:
+        return stream[:count].copy()
+    if bits == 16:
+        return stream[: 2 * count].view("<u2").astype(np.uint16)
+    out = np.empty(count, dtype)
+    for start in range(0, count, _CHUNK):
+        n = min(_CHUNK, count - start)
+        lo = start // 8 * bits
+        raw = stream[lo : lo + packed_nbytes(n, bits)]
+        pad = -raw.size % bits
+        if pad:
+            raw = np.concatenate([raw, np.zeros(pad, np.uint8)])
+        values = _unpack_block(np, raw.reshape(-1, bits), bits, dtype)
+        out[start : start + n] = values.reshape(-1)[:n]
+    return out
+
+
+def _unpack_bits_jnp(stream: jax.Array, bits: int, count: int) -> jax.Array:
+    """`unpack_bits` in `jax.numpy` (static shapes; works under `jax.jit`), as int32."""
+    groups = (count + 7) // 8
+    stream = jnp.asarray(stream, jnp.uint8).reshape(-1)
+    stream = jnp.pad(stream[: groups * bits], (0, groups * bits - min(stream.size, groups * bits)))
+    values = _unpack_block(jnp, stream.reshape(groups, bits), bits, jnp.uint32)
+    return values.reshape(-1)[:count].astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class PackedArray:
+    """A clustered weight stored as bit-packed indices plus centroid table(s).
+
+    A JAX pytree: `packed` and `tables` are its children; everything else is static
+    metadata. Build one with `clusterjax.pack` or `clusterjax.load(..., packed=True)`.
+
+    Invariants (checked at construction from concrete arrays):
+      * `shape` is the weight's shape and `size = prod(shape)`; `dtype` is the name of the
+        weight's floating dtype ("float32", "bfloat16", ...).
+      * `bits = ceil(log2(num_clusters))` (at least 1), at most 32.
+      * `packed` is a 1-D uint8 array of `ceil(size * bits / 8)` bytes: the indices in C
+        order, little-endian bit order (see `pack_bits`), every index `< num_clusters`.
+      * `tables` is floating (float32 for bf16/f16/f32 weights, float64 for float64) with
+        shape `(num_clusters,)` for `granularity="tensor"` and `(G, num_clusters)` for
+        `"channel"` / `"group"`, `G = shape[channel_axis] // group_size`.
+      * `channel_axis` is normalized (`0 <= channel_axis < ndim`) for "channel" / "group"
+        and `None` for "tensor"; `group_size` divides `shape[channel_axis]` and is 1 for
+        "channel" and "tensor".
+      * `unpack()` equals `clusterjax.strip` of the weight bit for bit: element `e` at
+        position `c` along `channel_axis` is `tables[c // group_size][index[e]]` cast to
+        `dtype`.
+
+    Example:
+      >>> import jax
       >>> import clusterjax as cj
       >>> params = {"w": jax.random.normal(jax.random.key(0), (64, 64))}
-      >>> state = cj.init(params, cj.ClusterSpec(num_clusters=16), key=jax.random.key(1))
+      >>> spec = cj.ClusterSpec(num_clusters=16, init="linear")
+      >>> state = cj.init(params, spec, key=jax.random.key(1))
       >>> packed = cj.pack(params, state)["w"]
+      >>> packed
+      PackedArray(shape=(64, 64), dtype=float32, num_clusters=16, bits=4, granularity='tensor', nbytes=2112)
       >>> packed.nbytes   # 4096 weights x 4 bits + 16 float32 centroids
       2112
       >>> bool((packed.unpack() == cj.strip(params, state)["w"]).all())
       True
-    """
+    """  # noqa: E501
 
-    packed: np.ndarray
-    tables: np.ndarray
+    packed: Any
+    tables: Any
     shape: tuple[int, ...]
     dtype: str
     num_clusters: int
@@ -81,91 +239,280 @@ class PackedArray:
     channel_axis: int | None = None
     group_size: int = 1
 
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
+        self._validate()
+
+    def _validate(self) -> None:
+        def fail(msg):
+            raise ValueError(f"PackedArray(shape={self.shape}, dtype={self.dtype}): {msg}")
+
+        k = self.num_clusters
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            fail(f"num_clusters must be an int >= 1, got {k!r}")
+        if index_bits(k) > MAX_BITS:
+            fail(f"num_clusters={k} needs more than {MAX_BITS} bits")
+        if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
+            fail("dtype must be floating")
+        if self.granularity not in GRANULARITIES:
+            fail(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.granularity == "tensor":
+            if self.channel_axis is not None or self.group_size != 1:
+                fail("granularity='tensor' needs channel_axis=None and group_size=1")
+            table_shape: tuple[int, ...] = (k,)
+        else:
+            axis, gs = self.channel_axis, self.group_size
+            if not isinstance(axis, int) or not 0 <= axis < len(self.shape):
+                fail(f"channel_axis must be normalized to [0, {len(self.shape)}), got {axis!r}")
+            if not isinstance(gs, int) or gs < 1 or self.shape[axis] % gs:
+                fail(f"group_size={gs!r} must divide the {self.shape[axis]} channels")
+            if self.granularity == "channel" and gs != 1:
+                fail("granularity='channel' needs group_size=1")
+            table_shape = (self.shape[axis] // gs, k)
+        if tuple(np.shape(self.tables)) != table_shape:
+            fail(f"tables have shape {tuple(np.shape(self.tables))}, expected {table_shape}")
+        if not jnp.issubdtype(jnp.result_type(self.tables), jnp.floating):
+            fail(f"tables must be floating, got {jnp.result_type(self.tables)}")
+        expected = (packed_nbytes(self.size, self.bits),)
+        if tuple(np.shape(self.packed)) != expected or jnp.result_type(self.packed) != jnp.uint8:
+            fail(
+                f"packed must be uint8 of shape {expected}, got {jnp.result_type(self.packed)} "
+                f"{tuple(np.shape(self.packed))}"
+            )
+
     @property
     def bits(self) -> int:
+        """Bits per index: `ceil(log2(num_clusters))`, at least 1."""
         return index_bits(self.num_clusters)
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        """Number of weights, `prod(shape)`."""
+        return math.prod(self.shape)
+
+    @property
+    def ndim(self) -> int:
+        """Rank of the weight."""
+        return len(self.shape)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the packed indices plus the tables."""
-        return int(self.packed.nbytes + self.tables.nbytes)
+        """Bytes of the packed indices plus the tables (what the file stores for it)."""
+        return int(np.asarray(self.packed).nbytes + np.asarray(self.tables).nbytes)
+
+    def __repr__(self) -> str:
+        return (
+            f"PackedArray(shape={self.shape}, dtype={self.dtype}, "
+            f"num_clusters={self.num_clusters}, bits={self.bits}, "
+            f"granularity={self.granularity!r}"
+            + (
+                ""
+                if self.granularity == "tensor"
+                else f", channel_axis={self.channel_axis}, group_size={self.group_size}"
+            )
+            + f", nbytes={self.nbytes})"
+        )
 
     def indices(self) -> np.ndarray:
-        """The per-weight indices, shaped like the weight (uint32)."""
-        return unpack_bits(self.packed, self.bits, self.size).reshape(self.shape)
+        """The per-weight indices, shaped like the weight (NumPy, `ClusterState`'s dtype).
+
+        Example:
+          >>> import jax
+          >>> import clusterjax as cj
+          >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
+          >>> spec = cj.ClusterSpec(num_clusters=3, init="linear")
+          >>> state = cj.init(params, spec, key=jax.random.key(1))
+          >>> idx = cj.pack(params, state)["w"].indices()
+          >>> idx.dtype, bool((idx == state.indices["w"]).all())
+          (dtype('uint8'), True)
+        """
+        flat = unpack_bits(np.asarray(self.packed), self.bits, self.size)
+        return flat.reshape(self.shape)
+
+    def _base(self) -> np.ndarray | int:
+        """`g * K` of every element's table, broadcastable to `shape` (0 for one table)."""
+        return _table_base(self.shape, self.num_clusters, self.channel_axis, self.group_size)
 
     def unpack(self) -> jax.Array:
-        """The dense weight `tables[group][indices]` in the original dtype."""
-        idx = jnp.asarray(self.indices().astype(np.int32))
-        base = 0
-        if self.granularity != "tensor":
-            k = self.num_clusters
-            groups = (np.arange(self.shape[self.channel_axis]) // self.group_size) * k
-            view = [1] * len(self.shape)
-            view[self.channel_axis] = self.shape[self.channel_axis]
-            base = jnp.asarray(groups.reshape(view), jnp.int32)
-        flat = jnp.asarray(self.tables).reshape(-1)
-        return flat[base + idx].astype(jnp.dtype(self.dtype))
+        """The dense weight `tables[group][indices]` in `dtype`: equal to `strip`'s array.
+
+        Pure `jax.numpy` with static shapes (one compiled function per leaf layout), so it
+        also works inside `jax.jit`: keep the packed form on device and expand it in the
+        forward pass.
+
+        Example:
+          >>> import jax
+          >>> import clusterjax as cj
+          >>> params = {"w": jax.random.normal(jax.random.key(0), (32, 8), jax.numpy.bfloat16)}
+          >>> spec = cj.ClusterSpec(num_clusters=4, init="linear")
+          >>> state = cj.init(params, spec, key=jax.random.key(1))
+          >>> p = cj.pack(params, state)["w"]
+          >>> dense = jax.jit(lambda p: p.unpack())(p)
+          >>> dense.dtype, bool((dense == cj.strip(params, state)["w"]).all())
+          (dtype(bfloat16), True)
+        """
+        return _expand(
+            self.packed,
+            self.tables,
+            shape=self.shape,
+            dtype=self.dtype,
+            num_clusters=self.num_clusters,
+            channel_axis=self.channel_axis,
+            group_size=self.group_size,
+        )
+
+    def dequantize(self) -> jax.Array:
+        """Alias of `unpack()`, for code written against quantized-array types.
+
+        Example:
+          >>> import jax
+          >>> import clusterjax as cj
+          >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
+          >>> spec = cj.ClusterSpec(num_clusters=2, init="linear")
+          >>> state = cj.init(params, spec, key=jax.random.key(1))
+          >>> cj.pack(params, state)["w"].dequantize().shape
+          (8, 8)
+        """
+        return self.unpack()
 
 
-def _is_packed(x: Any) -> bool:
+def _table_base(shape, num_clusters, channel_axis, group_size) -> np.ndarray | int:
+    if channel_axis is None:
+        return 0
+    groups = (np.arange(shape[channel_axis]) // group_size) * num_clusters
+    view = [1] * len(shape)
+    view[channel_axis] = shape[channel_axis]
+    return groups.reshape(view).astype(np.int32)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("shape", "dtype", "num_clusters", "channel_axis", "group_size"),
+)
+def _expand(packed, tables, *, shape, dtype, num_clusters, channel_axis, group_size):
+    size = math.prod(shape)
+    idx = _unpack_bits_jnp(packed, index_bits(num_clusters), size).reshape(shape)
+    base = _table_base(shape, num_clusters, channel_axis, group_size)
+    return jnp.asarray(tables).reshape(-1)[base + idx].astype(jnp.dtype(dtype))
+
+
+_META = ("shape", "dtype", "num_clusters", "granularity", "channel_axis", "group_size")
+
+
+def _flatten_with_keys(p: PackedArray):
+    children = (
+        (jax.tree_util.GetAttrKey("packed"), p.packed),
+        (jax.tree_util.GetAttrKey("tables"), p.tables),
+    )
+    return children, tuple(getattr(p, f) for f in _META)
+
+
+def _unflatten(meta, children) -> PackedArray:
+    # Transformations rebuild nodes with tracers or placeholders as children: skip the
+    # validation (the metadata was validated when the original was built).
+    obj = object.__new__(PackedArray)
+    object.__setattr__(obj, "packed", children[0])
+    object.__setattr__(obj, "tables", children[1])
+    for name, value in zip(_META, meta):
+        object.__setattr__(obj, name, value)
+    return obj
+
+
+def _flatten(p: PackedArray):
+    return (p.packed, p.tables), tuple(getattr(p, f) for f in _META)
+
+
+jax.tree_util.register_pytree_with_keys(PackedArray, _flatten_with_keys, _unflatten, _flatten)
+
+
+def is_packed(x: Any) -> bool:
+    """True for a `PackedArray` (use as `is_leaf` when walking a packed tree)."""
     return isinstance(x, PackedArray)
 
 
-def pack(params: Any, state: core.ClusterState) -> Any:
+_is_packed = is_packed  # backwards-compatible private name
+
+
+def pack(params: PyTree, state: core.ClusterState) -> PyTree:
     """Packs every clustered leaf into a `PackedArray`; other leaves stay as they are.
 
     Args:
-      params: the dense params `state` was made for.
+      params: the dense params `state` was made for (any pytree: linen dicts, an nnx
+        `State`, ...).
       state: their `ClusterState`.
 
     Returns:
-      params' tree with `PackedArray`s at clustered leaves and NumPy arrays elsewhere.
-      Save it with `clusterjax.save`; expand it with `clusterjax.unpack`.
+      params' tree with a `PackedArray` at every clustered leaf and the other leaves
+      unchanged. Save it with `clusterjax.save`; expand it with `clusterjax.unpack`
+      (equal to `clusterjax.strip(params, state)` bit for bit).
+
+    Raises:
+      ValueError: naming the leaf, if the state does not fit the params, an index is
+        `>= K`, or a centroid is NaN/Inf (such a model could be saved but not loaded).
 
     Example:
       >>> import jax
       >>> import clusterjax as cj
-      >>> params = {"w": jax.random.normal(jax.random.key(0), (32, 8))}
-      >>> state = cj.init(params, cj.ClusterSpec(num_clusters=4), key=jax.random.key(1))
-      >>> cj.pack(params, state)["w"].bits
-      2
+      >>> params = {"w": jax.random.normal(jax.random.key(0), (32, 8)), "b": jax.numpy.ones(8)}
+      >>> spec = cj.ClusterSpec(num_clusters=4, init="linear")
+      >>> state = cj.init(params, spec, key=jax.random.key(1))
+      >>> packed = cj.pack(params, state)
+      >>> packed["w"].bits, packed["w"].packed.nbytes, type(packed["b"]).__name__
+      (2, 64, 'ArrayImpl')
     """
     treedef = jax.tree.structure(params, is_leaf=lambda x: x is None)
     out = []
     for _, leaf, w, c, i, _m in core._leaves(params, state, "cj.pack"):
         if leaf is None:
-            out.append(None if w is None else np.asarray(w))
+            out.append(w)
             continue
-        spec = leaf.spec
-        out.append(
-            PackedArray(
-                packed=pack_bits(np.asarray(i), spec.bits),
-                tables=np.asarray(c),
-                shape=tuple(int(s) for s in leaf.shape),
-                dtype=str(jnp.dtype(jnp.result_type(w))),
-                num_clusters=spec.num_clusters,
-                granularity=spec.granularity,
-                channel_axis=leaf.axis,
-                group_size=leaf.group_size,
-            )
-        )
+        out.append(_pack_leaf(leaf, w, c, i))
     return jax.tree.unflatten(treedef, out)
 
 
-def unpack(packed: Any) -> Any:
+def _pack_leaf(leaf, w, centroids, indices) -> PackedArray:
+    spec = leaf.spec
+    k = spec.num_clusters
+    idx = np.asarray(indices)
+    tables = np.asarray(centroids)
+    if idx.dtype.kind not in "iu":
+        raise ValueError(
+            f"cj.pack: state.indices at {leaf.path!r} has dtype {idx.dtype}; indices must be "
+            "integers. Fix: re-run cj.init."
+        )
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= k):
+        raise ValueError(
+            f"cj.pack: state.indices at {leaf.path!r} holds values in "
+            f"[{int(idx.min())}, {int(idx.max())}], outside [0, {k}) for num_clusters={k}."
+        )
+    if not np.all(np.isfinite(tables)):
+        raise ValueError(
+            f"cj.pack: state.centroids at {leaf.path!r} holds NaN/Inf; a packed file must "
+            "hold finite centroids. Fix: repair the centroids (or re-run cj.init)."
+        )
+    return PackedArray(
+        packed=pack_bits(idx, spec.bits),
+        tables=tables,
+        shape=leaf.shape,
+        dtype=jnp.dtype(jnp.result_type(w)).name,
+        num_clusters=k,
+        granularity=spec.granularity,
+        channel_axis=leaf.axis,
+        group_size=leaf.group_size,
+    )
+
+
+def unpack(packed: PyTree) -> PyTree:
     """Expands every `PackedArray` of a packed tree into its dense array.
 
     Example:
       >>> import jax
       >>> import clusterjax as cj
       >>> params = {"w": jax.random.normal(jax.random.key(0), (32, 8))}
-      >>> state = cj.init(params, cj.ClusterSpec(num_clusters=4), key=jax.random.key(1))
+      >>> spec = cj.ClusterSpec(num_clusters=4, init="linear")
+      >>> state = cj.init(params, spec, key=jax.random.key(1))
       >>> bool((cj.unpack(cj.pack(params, state))["w"] == cj.strip(params, state)["w"]).all())
       True
     """
-    return jax.tree.map(lambda x: x.unpack() if _is_packed(x) else x, packed, is_leaf=_is_packed)
+    return jax.tree.map(lambda x: x.unpack() if is_packed(x) else x, packed, is_leaf=is_packed)

@@ -1,115 +1,247 @@
-"""`summary`: a per-leaf table of what clustering costs and saves."""
+"""`summary`: a per-leaf table of what clustering costs (error) and saves (bytes)."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
+import jax
 import numpy as np
 
 from clusterjax._src import core
-from clusterjax._src.packing import pack_bits
+from clusterjax._src.packing import PackedArray, is_packed, pack
+from clusterjax._src.tree import leaves_with_paths, path_str
+
+PyTree = Any
+
+# (header, row key, format) of the text table; numbers are right-aligned.
+_COLUMNS = (
+    ("path", "path", "{}"),
+    ("shape", "shape", "{}"),
+    ("dtype", "dtype", "{}"),
+    ("K", "num_clusters", "{}"),
+    ("granularity", "granularity", "{}"),
+    ("distinct", "distinct_values", "{:,}"),
+    ("sparsity", "sparsity", "{:.3f}"),
+    ("bits/w", "bits_per_weight", "{:.2f}"),
+    ("packed B", "packed_bytes", "{:,}"),
+    ("float32 B", "float32_bytes", "{:,}"),
+    ("ratio", "compression_ratio", "{:.2f}x"),
+    ("rel L2 err", "relative_l2_error", "{:.4f}"),
+)
+_LEFT = {"path", "shape", "dtype", "granularity"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
-    """Per-leaf rows (`rows`, a list of dicts) and `totals`; `str()` gives the table."""
+    """The result of `clusterjax.summary`: `rows` and `totals` as data, `str()` as a table.
 
-    rows: list[dict[str, Any]]
-    totals: dict[str, Any]
-
-    def __str__(self) -> str:
-        cols = [
-            ("path", "path", "{}"), ("shape", "shape", "{}"), ("K", "num_clusters", "{}"),
-            ("granularity", "granularity", "{}"), ("distinct", "distinct_values", "{}"),
-            ("sparsity", "sparsity", "{:.3f}"), ("bits/w", "bits_per_weight", "{:.2f}"),
-            ("packed B", "packed_bytes", "{:,}"), ("float32 B", "float32_bytes", "{:,}"),
-            ("rel L2 err", "relative_l2_error", "{:.4f}"),
-        ]  # fmt: skip
-
-        def cell(row, key, fmt):
-            value = row.get(key)
-            if value is None:
-                return "-"
-            if isinstance(value, tuple):
-                return "x".join(str(v) for v in value) or "()"
-            return fmt.format(value)
-
-        body = [[cell(r, k, f) for _, k, f in cols] for r in self.rows]
-        t = self.totals
-        body.append(
-            ["total", "", "", "", "", "", f"{t['bits_per_weight']:.2f}",
-             f"{t['packed_bytes']:,}", f"{t['float32_bytes']:,}", ""]
-        )  # fmt: skip
-        widths = [max(len(h), *(len(r[i]) for r in body)) for i, (h, _, _) in enumerate(cols)]
-        lines = ["  ".join(h.ljust(w) for (h, _, _), w in zip(cols, widths))]
-        lines.append("  ".join("-" * w for w in widths))
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
-        lines.append(
-            f"compression: {t['compression_ratio']:.2f}x vs float32 "
-            f"({t['clustered_leaves']} clustered leaves, {t['clustered_weights']:,} weights)"
-        )
-        return "\n".join(lines)
-
-
-def summary(params: Any, state: core.ClusterState) -> Summary:
-    """Per-leaf report: K, distinct values, sparsity, bits per weight, bytes, error.
-
-    Packed bytes are what `clusterjax.save` stores for the leaf (bit-packed indices plus
-    tables; dense leaves at their own dtype). The relative L2 error compares the
-    clustered weight with the dense one: `||strip(w) - w|| / ||w||`.
+    Attributes:
+      rows: one dict per array leaf, in tree order, with keys `path` ('/'-joined),
+        `shape` (tuple), `dtype`, `num_clusters` (K; `None` for a dense leaf),
+        `granularity`, `bits` (index bits), `distinct_values` (distinct values of the
+        clustered weight), `sparsity` (fraction of exact zeros), `bits_per_weight`,
+        `packed_bytes` (what the file stores for the leaf: bit-packed indices plus
+        tables, or the dense array), `float32_bytes` (4 per element),
+        `compression_ratio` (float32 / packed) and `relative_l2_error`
+        (`||clustered - w|| / ||w||`; 0 for dense leaves, `None` when the original
+        weights are unknown, as for a packed file).
+      totals: `weights`, `clustered_leaves`, `clustered_weights`, `packed_bytes`,
+        `float32_bytes`, `file_bytes` (the exact size of the file `clusterjax.save`
+        writes, header included), `bits_per_weight`, `compression_ratio`
+        (float32 bytes / packed bytes), `file_compression_ratio` (float32 bytes / file
+        bytes) and `relative_l2_error` over all clustered weights (or `None`).
 
     Example:
       >>> import jax, jax.numpy as jnp
       >>> import clusterjax as cj
       >>> params = {"w": jax.random.normal(jax.random.key(0), (128, 64)), "b": jnp.zeros(64)}
-      >>> state = cj.init(params, cj.ClusterSpec(num_clusters=16), key=jax.random.key(1))
+      >>> spec = cj.ClusterSpec(num_clusters=4, init="linear")
+      >>> state = cj.init(params, spec, key=jax.random.key(1))
       >>> report = cj.summary(params, state)
-      >>> [row["path"] for row in report.rows], round(report.totals["compression_ratio"], 1)
-      (['b', 'w'], 7.5)
+      >>> report.rows[1]["path"], report.rows[1]["packed_bytes"], report.rows[1]["bits"]
+      ('w', 2064, 2)
+      >>> print(str(report).splitlines()[0])
+      path   shape   dtype    K  granularity  distinct  sparsity  bits/w  packed B  float32 B   ratio  rel L2 err
+    """  # noqa: E501
+
+    rows: list[dict[str, Any]]
+    totals: dict[str, Any]
+
+    def to_text(self) -> str:
+        """The aligned text table (the same as `str(summary)`)."""
+        body = [[_cell(row, key, fmt) for _, key, fmt in _COLUMNS] for row in self.rows]
+        t = self.totals
+        total_row = {
+            "path": "total",
+            "shape": f"{t['weights']:,} weights",
+            "bits_per_weight": t["bits_per_weight"],
+            "packed_bytes": t["packed_bytes"],
+            "float32_bytes": t["float32_bytes"],
+            "compression_ratio": t["compression_ratio"],
+            "relative_l2_error": t["relative_l2_error"],
+        }
+        body.append(
+            [_cell(total_row, key, fmt) if key in total_row else "" for _, key, fmt in _COLUMNS]
+        )
+        headers = [h for h, _, _ in _COLUMNS]
+        widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(headers)]
+
+        def line(cells):
+            out = []
+            for (_, key, _), cell, width in zip(_COLUMNS, cells, widths):
+                out.append(cell.ljust(width) if key in _LEFT else cell.rjust(width))
+            return "  ".join(out).rstrip()
+
+        rule = "  ".join("-" * w for w in widths)
+        lines = [line(headers), rule, *(line(r) for r in body[:-1]), rule, line(body[-1])]
+        lines.append(
+            f"{t['clustered_leaves']} clustered leaves ({t['clustered_weights']:,} of "
+            f"{t['weights']:,} weights); {t['packed_bytes']:,} bytes packed vs "
+            f"{t['float32_bytes']:,} float32: {t['compression_ratio']:.2f}x; "
+            f"file {t['file_bytes']:,} bytes: {t['file_compression_ratio']:.2f}x"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if key == "shape" and isinstance(value, tuple):
+        return str(tuple(int(v) for v in value))
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return fmt.format(value)
+
+
+def _leaf_row(path: str, leaf: Any, original: Any | None) -> tuple[dict[str, Any], float, float]:
+    """One row, plus the squared error and squared norm of a clustered leaf (else 0, 0).
+
+    `leaf` is a `PackedArray` or a dense array; `original` the dense weight or `None`.
     """
-    dense = core.strip(params, state)
-    rows = []
-    flat_dense = [d for _, d in core.leaves_with_paths(dense)]
-    paths = [p for p, _ in core.leaves_with_paths(params)]
-    for path, (_, leaf, w, c, i, _m), d in zip(
-        paths, core._leaves(params, state, "cj.summary"), flat_dense
-    ):
-        if w is None:
-            continue
-        w_np = np.asarray(w)
-        n = int(w_np.size)
-        f32 = n * 4
-        if leaf is None:
-            rows.append({
-                "path": path, "shape": tuple(w_np.shape), "num_clusters": None,
-                "granularity": None, "distinct_values": None,
-                "sparsity": float(np.mean(w_np == 0)) if n else 0.0,
-                "bits_per_weight": 8.0 * w_np.dtype.itemsize, "packed_bytes": int(w_np.nbytes),
-                "float32_bytes": f32, "relative_l2_error": 0.0,
-            })  # fmt: skip
-            continue
-        d_np = np.asarray(d).astype(np.float64)
-        wf = w_np.astype(np.float64)
-        norm = float(np.linalg.norm(wf))
-        err = float(np.linalg.norm(d_np - wf)) / norm if norm > 0 else 0.0
-        nbytes = int(pack_bits(np.asarray(i), leaf.spec.bits).nbytes + np.asarray(c).nbytes)
-        rows.append({
-            "path": path, "shape": tuple(w_np.shape), "num_clusters": leaf.spec.num_clusters,
-            "granularity": leaf.spec.granularity, "distinct_values": int(len(np.unique(d_np))),
-            "sparsity": float(np.mean(d_np == 0)), "bits_per_weight": 8.0 * nbytes / n,
-            "packed_bytes": nbytes, "float32_bytes": f32, "relative_l2_error": err,
-        })  # fmt: skip
-    packed = sum(r["packed_bytes"] for r in rows)
-    f32 = sum(r["float32_bytes"] for r in rows)
-    weights = sum(int(np.prod(r["shape"])) for r in rows)
+    err2 = norm2 = 0.0
+    if isinstance(leaf, PackedArray):
+        n, packed_bytes = leaf.size, leaf.nbytes
+        # Distinct values and zeros come from the used (table, index) pairs: O(n + G*K).
+        tables = np.asarray(leaf.tables)
+        flat_ids = (np.asarray(leaf._base()) + leaf.indices().astype(np.int64)).reshape(-1)
+        counts = np.bincount(flat_ids, minlength=tables.size)
+        values = tables.reshape(-1).astype(leaf.dtype).astype(np.float64)
+        used = counts > 0
+        err = None
+        if original is not None:
+            diff = np.asarray(leaf.unpack()).astype(np.float64) - np.asarray(original, np.float64)
+            err2 = float(np.sum(diff**2))
+            norm2 = float(np.sum(np.square(np.asarray(original, np.float64))))
+            err = _ratio(err2, norm2)
+        row = {
+            "num_clusters": leaf.num_clusters,
+            "granularity": leaf.granularity,
+            "bits": leaf.bits,
+            "distinct_values": len(np.unique(values[used])),
+            "sparsity": int(counts[used & (values == 0)].sum()) / n if n else 0.0,
+            "relative_l2_error": err,
+        }
+        shape, dtype = leaf.shape, leaf.dtype
+    else:
+        arr = np.asarray(leaf)
+        n, packed_bytes = arr.size, int(arr.nbytes)
+        row = {
+            "num_clusters": None,
+            "granularity": None,
+            "bits": None,
+            "distinct_values": None,
+            "sparsity": np.count_nonzero(arr == 0) / n if n else 0.0,
+            "relative_l2_error": 0.0,
+        }
+        shape, dtype = tuple(arr.shape), arr.dtype.name
+    row = {
+        "path": path,
+        "shape": shape,
+        "dtype": dtype,
+        **row,
+        "bits_per_weight": 8.0 * packed_bytes / n if n else 0.0,
+        "packed_bytes": int(packed_bytes),
+        "float32_bytes": 4 * n,
+        "compression_ratio": 4 * n / packed_bytes if packed_bytes else None,
+    }
+    return row, err2, norm2
+
+
+def _ratio(err2: float, norm2: float) -> float:
+    """`sqrt(err2 / norm2)`: 0 for an exact match, inf for error on an all-zero weight."""
+    if norm2 > 0:
+        return math.sqrt(err2 / norm2)
+    return 0.0 if err2 == 0 else math.inf
+
+
+def _summarize(packed: PyTree, originals: dict[str, Any] | None) -> Summary:
+    """Rows and totals of a packed tree; `originals` maps paths to the dense weights."""
+    from clusterjax._src.fileformat import file_size
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(packed, is_leaf=is_packed)
+    rows, err2, norm2 = [], 0.0, 0.0
+    for keypath, leaf in flat:
+        path = path_str(keypath)
+        row, e2, n2 = _leaf_row(path, leaf, None if originals is None else originals.get(path))
+        rows.append(row)
+        err2, norm2 = err2 + e2, norm2 + n2
+    weights = sum(math.prod(r["shape"]) for r in rows)
     clustered = [r for r in rows if r["num_clusters"] is not None]
+    packed_bytes = sum(r["packed_bytes"] for r in rows)
+    f32 = sum(r["float32_bytes"] for r in rows)
+    fbytes = file_size(packed)
     totals = {
-        "packed_bytes": packed,
-        "float32_bytes": f32,
-        "bits_per_weight": 8.0 * packed / max(weights, 1),
-        "compression_ratio": f32 / max(packed, 1),
+        "weights": weights,
         "clustered_leaves": len(clustered),
-        "clustered_weights": sum(int(np.prod(r["shape"])) for r in clustered),
+        "clustered_weights": sum(math.prod(r["shape"]) for r in clustered),
+        "packed_bytes": packed_bytes,
+        "float32_bytes": f32,
+        "file_bytes": fbytes,
+        "bits_per_weight": 8.0 * packed_bytes / weights if weights else 0.0,
+        "compression_ratio": f32 / packed_bytes if packed_bytes else 0.0,
+        "file_compression_ratio": f32 / fbytes,
+        "relative_l2_error": None if originals is None else _ratio(err2, norm2),
     }
     return Summary(rows=rows, totals=totals)
+
+
+def summary(params_or_packed: PyTree, state: core.ClusterState | None = None) -> Summary:
+    """Per-leaf report: K, distinct values, sparsity, bits per weight, bytes, error.
+
+    Packed bytes are what `clusterjax.save` stores for each leaf (bit-packed indices plus
+    centroid tables; dense leaves at their own dtype); `totals["file_bytes"]` is the
+    exact file size, header included. The relative L2 error compares the clustered
+    weight with the dense one, `||strip(w) - w|| / ||w||` (in float64).
+
+    Args:
+      params_or_packed: dense params (then pass `state`), or a packed tree from
+        `clusterjax.pack` / `clusterjax.load(..., packed=True)` (then the error is
+        unknown: `None`).
+      state: the `ClusterState` of dense params.
+
+    Returns:
+      A `Summary`: `print()` it for the table, or log `.rows` / `.totals` (plain dicts).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import clusterjax as cj
+      >>> params = {"w": jax.random.normal(jax.random.key(0), (128, 64)), "b": jnp.zeros(64)}
+      >>> spec = cj.ClusterSpec(num_clusters=16, init="linear")
+      >>> state = cj.init(params, spec, key=jax.random.key(1))
+      >>> report = cj.summary(params, state)
+      >>> [row["path"] for row in report.rows], round(report.totals["compression_ratio"], 2)
+      (['b', 'w'], 7.48)
+      >>> report.rows[1]["distinct_values"], round(report.rows[1]["relative_l2_error"], 2)
+      (16, 0.14)
+    """
+    if state is None:
+        return _summarize(params_or_packed, None)
+    packed = pack(params_or_packed, state)
+    originals = {p: w for p, w in leaves_with_paths(params_or_packed) if w is not None}
+    return _summarize(packed, originals)
