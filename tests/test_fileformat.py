@@ -65,6 +65,28 @@ def test_load_of_save_equals_strip_bit_for_bit(workdir, case):
             assert bits_equal(packed[name], leaf)
 
 
+def test_round_trip_of_a_real_init(workdir):
+    k = jax.random.split(jax.random.key(0), 2)
+    params = {
+        "embed": jax.random.normal(k[0], (32, 16)),
+        "sparse": jax.random.normal(k[1], (12, 6)) * (jax.random.uniform(k[1], (12, 6)) > 0.4),
+        "bias": jnp.arange(8.0),
+    }
+    rules = {
+        "embed": cj.ClusterSpec(num_clusters=256, init="linear"),
+        "sparse": cj.ClusterSpec(num_clusters=16, init="linear", preserve_sparsity=True),
+    }
+    state = cj.init(params, rules, key=jax.random.key(1))
+    cj.save(workdir / "real.cjx", params, state)
+    loaded, dense = cj.load(workdir / "real.cjx"), cj.strip(params, state)
+    for name in params:
+        assert bits_equal(loaded[name], dense[name]), name
+    assert np.all((loaded["sparse"] == 0) == (np.asarray(params["sparse"]) == 0))
+    packed = cj.load(workdir / "real.cjx", packed=True)
+    assert packed["embed"].bits == 8 and packed["embed"].tables.shape == (256,)
+    assert bits_equal(packed["sparse"].indices(), state.indices["sparse"])
+
+
 def test_packed_tree_and_params_state_write_identical_files(workdir):
     params, state = make_case(
         np.random.default_rng(0),

@@ -427,11 +427,17 @@ jax.tree_util.register_pytree_with_keys(PackedArray, _flatten_with_keys, _unflat
 
 
 def is_packed(x: Any) -> bool:
-    """True for a `PackedArray` (use as `is_leaf` when walking a packed tree)."""
+    """True for a `PackedArray` (use as `is_leaf` when walking a packed tree).
+
+    Example:
+      >>> import jax, numpy as np
+      >>> from clusterjax._src.packing import PackedArray, is_packed
+      >>> p = PackedArray(packed=np.zeros(1, np.uint8), tables=np.zeros(2, np.float32),
+      ...                 shape=(3,), dtype="float32", num_clusters=2)
+      >>> [type(x).__name__ for x in jax.tree.leaves({"w": p, "b": 1.0}, is_leaf=is_packed)]
+      ['float', 'PackedArray']
+    """
     return isinstance(x, PackedArray)
-
-
-_is_packed = is_packed  # backwards-compatible private name
 
 
 def pack(params: PyTree, state: core.ClusterState) -> PyTree:
