@@ -159,7 +159,7 @@ def write_checkpoint(path: str, tree: Any) -> int:
       dtype('float32')
     """
     lower = path.lower()
-    flat = {k: np.ascontiguousarray(v) for k, v in _flatten(tree).items()}
+    flat = {k: np.asarray(v, order="C") for k, v in _flatten(tree).items()}  # keeps 0-d
     if lower.endswith(".safetensors"):
         from safetensors.numpy import save_file
 
