@@ -16,6 +16,7 @@ from clusterjax._src.core import update_indices as update_indices
 from clusterjax._src.fileformat import FormatError as FormatError
 from clusterjax._src.fileformat import load as load
 from clusterjax._src.fileformat import save as save
+from clusterjax._src.importance import fisher_importance as fisher_importance
 from clusterjax._src.optimizer import ClusterOptimizerState as ClusterOptimizerState
 from clusterjax._src.optimizer import optimizer as optimizer
 from clusterjax._src.packing import PackedArray as PackedArray
@@ -42,6 +43,7 @@ __all__ = [
     "Summary",
     "apply",
     "binarize",
+    "fisher_importance",
     "init",
     "inject_gradient",
     "load",
