@@ -335,9 +335,21 @@ def pyplot():
 
 
 class Timer:
+    """Wall and process CPU time since creation, plus the machine's load at the start
+    (the examples share a 2-core machine; a loaded machine stretches the wall time)."""
+
     def __init__(self):
         self.t0 = time.perf_counter()
+        self.c0 = time.process_time()
+        self.load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.t0
+
+    def report(self) -> str:
+        cpu = time.process_time() - self.c0
+        return (
+            f"Wall time: {self.seconds:.0f} s (process CPU time {cpu:.0f} s; "
+            f"1-minute load average at start {self.load:.1f})."
+        )

@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
         )
         base = C.accuracy(model, params, x_ev, y_ev)
         fbytes = C.float32_bytes(params)
-        rows.append([name, "float32", "-", base, base, 0.0, "-", 32, 32.0, fbytes, "1.0x"])
+        rows.append([name, "float32", "-", base, base, "-", "-", 32, "32.00", fbytes, "1.0x"])
         results.append({"model": name, "init": None, "k": None, "before": base, "after": base})
         for init in inits:
             for k in ks:
@@ -89,10 +89,10 @@ def main(argv=None) -> dict:
                         k,
                         before,
                         after,
-                        round(100 * (after - base), 2),
+                        f"{100 * (after - base):+.2f}",
                         C.distinct_per_kernel(p2, s2),
                         spec.bits,
-                        round(report.totals["bits_per_weight"], 2),
+                        f"{report.totals['bits_per_weight']:.2f}",
                         nbytes,
                         f"{fbytes / nbytes:.1f}x",
                     ]
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
         "'acc before fine-tune' = post-training clustering alone (cj.init + cj.strip). "
         "'bits/param (file)' = packed bytes x 8 / all parameters (index bits + centroid "
         "tables + float32 biases); 'bytes' = the `cj.save` file including its header.\n\n"
-        f"{checks}\n\n{summary_text}\nWall time: {timer.seconds:.0f} s.\n"
+        f"{checks}\n\n{summary_text}\n{timer.report()}\n"
     )
     C.write_results(out, text)
     _figures(out, results, keep, ks)
@@ -155,9 +155,10 @@ def _checks(results) -> str:
                 if a is not None:
                     gap = 100 * (bases["mlp"] - a)
                     ok = "met" if gap <= tol else "MISSED"
+                    where = f"{abs(gap):.2f} pts {'below' if gap > 0 else 'above'}"
                     lines.append(
                         f"- MLP, {init}, K={k}: {a:.4f} vs baseline {bases['mlp']:.4f} "
-                        f"({gap:+.2f} pts below; target <= {tol}): {ok}"
+                        f"({where}; target: at most {tol} below): {ok}"
                     )
     a = acc("cnn", "kmeans++", 4)
     if a is not None:

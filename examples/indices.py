@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
         f"{table}\n\n'gain' = re-assigned minus frozen, in accuracy points. 'indices "
         "changed' = fraction of weights whose cluster index differs from the initial "
         "assignment after fine-tuning with re-assignment.\n\n"
-        f"Wall time: {timer.seconds:.0f} s.\n"
+        f"{timer.report()}\n"
     )
     C.write_results(out, text)
     _figure(out, acc, bases, ks)

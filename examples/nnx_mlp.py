@@ -187,7 +187,7 @@ def main(argv=None) -> dict:
         f"tables), {args.finetune_epochs} epochs Adam {args.finetune_lr}"
         f"{'' if args.constant_lr else ' (cosine decay)'} with the README nnx train step "
         f"(`cj.nnx_merge`); seed {args.seed}.\n\n{table}\n\n{summary_text}\n"
-        f"Wall time: {timer.seconds:.0f} s.\n"
+        f"{timer.report()}\n"
     )
     C.write_results(out, text)
     _figure(out, base, results, ks)

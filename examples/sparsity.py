@@ -56,6 +56,17 @@ def magnitude_masks(params, fraction: float):
     return jax.tree.map(one, params)
 
 
+def _pruned_centroid(state, zeros) -> float:
+    """Max over kernels of |the centroid holding most of the kernel's pruned weights|."""
+    idx = [np.asarray(i) for i in jax.tree.leaves(state.indices)]
+    cents = [np.asarray(c) for c in jax.tree.leaves(state.centroids)]
+    worst = 0.0
+    for i, c, z in zip(idx, cents, zeros):
+        if z.any():
+            worst = max(worst, abs(float(c[np.bincount(i[z]).argmax()])))
+    return worst
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
     timer = C.Timer()
@@ -95,9 +106,9 @@ def main(argv=None) -> dict:
         kern = [w for _, w in C.kernels(pruned)]
         zeros0 = [w == 0 for w in kern]
         pruned_sparsity = C.sparsity(kern)
-        rows.append([name, "float32", "-", "-", "-", "-", "-", "-", base])
+        rows.append([name, "float32", "-", "-", "-", "-", "-", "-", "-", base])
         rows.append(
-            [name, f"pruned {args.prune:.0%}", "-", f"{pruned_sparsity:.4f}", "-", "-", "-",
+            [name, f"pruned {args.prune:.0%}", "-", f"{pruned_sparsity:.4f}", "-", "-", "-", "-",
              f"{pruned_acc0:.4f}", pruned_acc]
         )  # fmt: skip
         for k in ks:
@@ -122,9 +133,10 @@ def main(argv=None) -> dict:
                 sp_after = C.sparsity(stripped)
                 same = all(np.array_equal(w == 0, z) for w, z in zip(stripped, zeros0))
                 shadow = C.sparsity([w for _, w in C.kernels(p2)])
+                drift = _pruned_centroid(s2, zeros0)
                 rows.append(
                     [name, f"K={k}", str(preserve), f"{sp_init:.4f}", f"{sp_after:.4f}",
-                     "yes" if same else "no", f"{shadow:.4f}", before, after]
+                     "yes" if same else "no", f"{drift:.1e}", f"{shadow:.4f}", before, after]
                 )  # fmt: skip
                 records.append(
                     {
@@ -136,6 +148,7 @@ def main(argv=None) -> dict:
                         "sparsity_after": sp_after,
                         "same_zeros": same,
                         "shadow_sparsity": shadow,
+                        "pruned_centroid": drift,
                         "before": before,
                         "after": after,
                         "pruned_acc": pruned_acc,
@@ -151,6 +164,7 @@ def main(argv=None) -> dict:
         "sparsity after cj.init",
         "sparsity after fine-tune",
         "zeros exactly at the pruned positions",
+        "|centroid of the pruned weights|",
         "dense (shadow) weights sparsity",
         "acc before fine-tune",
         "acc after fine-tune",
@@ -166,8 +180,11 @@ def main(argv=None) -> dict:
         f"seed {args.seed}.\n\n{table}\n\n"
         "Sparsity = fraction of exact zeros over all clustered kernels of the deployable "
         "(`cj.strip`) model. 'dense (shadow) weights' = the trainable float weights behind "
-        "the clusters. For the pruned row, 'acc before fine-tune' is right after pruning.\n\n"
-        f"Wall time: {timer.seconds:.0f} s.\n"
+        "the clusters. '|centroid of the pruned weights|' = after fine-tuning, the "
+        "largest (over kernels) absolute value of the centroid that most of a kernel's "
+        "pruned weights are assigned to. For the pruned row, 'acc before fine-tune' is "
+        "right after pruning.\n\n"
+        f"{timer.report()}\n"
     )
     C.write_results(out, text)
     _figure(out, hist, ks[0])
@@ -186,8 +203,11 @@ def _figure(out, hist, k):
         values, counts = np.unique(w, return_counts=True)
         ax.bar(values, counts, width=(w.max() - w.min()) / 80, color="steelblue")
         ax.set_yscale("log")
+        near = values[np.argmin(np.abs(values))]
         ax.set_title(
-            f"preserve_sparsity={preserve}: {np.mean(w == 0):.1%} exact zeros", fontsize=10
+            f"preserve_sparsity={preserve}: {np.mean(w == 0):.1%} exact zeros\n"
+            f"centroid nearest 0: {near:.2e}",
+            fontsize=10,
         )
         ax.set_xlabel("value of the clustered weight")
     axes[0].set_ylabel("weights per centroid")
