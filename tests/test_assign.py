@@ -102,3 +102,73 @@ def test_jit_and_no_nxk():
     # No intermediate of N x K elements anywhere in the program.
     assert "100000,256" not in hlo and "256,100000" not in hlo
     np.testing.assert_array_equal(f(x, table), nearest_reference(np.asarray(x), np.asarray(table)))
+
+
+def _flush(v):
+    v = np.asarray(v, np.float32)
+    return np.where(np.abs(v) < np.finfo(np.float32).tiny, np.float32(0), v)
+
+
+_BIG_K = 96  # > UNROLL_MAX_K: the bucketed look-up (one table) / binary search (groups)
+
+
+def _nearest_big(x, table):
+    """One compiled program for every example of the large-K tests (padded like above)."""
+    x = np.asarray(x, np.float32).reshape(-1)
+    xp = np.zeros(512, np.float32)
+    xp[: x.size] = x
+    tp = np.full((1, _BIG_K), table[0], np.float32)
+    tp[0, : table.size] = table
+    return np.asarray(_nearest_jit(jnp.asarray(xp), jnp.asarray(tp)))[: x.size]
+
+
+@given(
+    data=st.data(),
+    spread=st.sampled_from([1e-6, 1e-2, 1.0, 1e4]),
+    outlier=st.sampled_from([0.0, 1e2, 1e6, 3e38]),
+    shuffle=st.booleans(),
+)
+def test_bucketed_lookup_matches_bruteforce(data, spread, outlier, shuffle):
+    # Tables built to crowd many thresholds into one bucket (tight clusters next to far
+    # outliers, duplicates) and to leave most buckets empty, so that every branch of the
+    # look-up (0, 1, 2 and a full search of a bucket; sorted and unsorted tables) runs.
+    k = data.draw(st.integers(2, _BIG_K))
+    core = data.draw(
+        hnp.arrays(np.float32, k, elements=st.floats(-1, 1, width=32, allow_subnormal=False))
+    )
+    table = (core * np.float32(spread)).astype(np.float32)
+    if outlier:
+        table[0] = np.float32(outlier)
+        table[-1] = np.float32(-outlier / 3)
+    if not shuffle:
+        table = np.sort(table)
+    # Weights: the centroids, their midpoints and the next floats around them, the
+    # extremes and random values.
+    t = np.sort(table.astype(np.float64))
+    mids = ((t[1:] + t[:-1]) / 2).astype(np.float32)
+    pts = np.concatenate([table, mids, np.nextafter(mids, np.inf), np.nextafter(mids, -np.inf)])
+    extra = data.draw(hnp.arrays(np.float32, 40, elements=finite32))
+    x = np.concatenate([pts, extra, [np.float32(3e38), np.float32(-3e38), 0.0]])[:512]
+    # XLA on CPU flushes subnormals to zero; keep them out of the comparison.
+    x, table = (_flush(v) for v in (x, table))
+    got = _nearest_big(x, table)
+    _check(x, table[None], got=got)
+
+
+@pytest.mark.parametrize("k", [65, 256, 1000])
+def test_bucketed_lookup_heavy_tails_and_one_value(k):
+    rng = np.random.default_rng(k)
+    x = rng.standard_t(2, size=20_000).astype(np.float32) * 10
+    table = np.quantile(x, (np.arange(k) + 0.5) / k).astype(np.float32)[None]
+    _check(x, table)
+    _check(x, np.full((1, k), 1.5, np.float32))  # every threshold in one bucket
+    _check(x, rng.permutation(table[0])[None])  # unsorted table: the index look-up
+
+
+def test_per_group_tables_large_k():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 3)).astype(np.float32)
+    tables = rng.normal(size=(3, 100)).astype(np.float32)
+    groups = np.broadcast_to(np.arange(3), x.shape)
+    base = jnp.arange(3, dtype=jnp.int32)[None, :] * 100
+    _check(x, tables, groups, base)

@@ -6,14 +6,24 @@ thresholds* between sorted neighbours. We sort each (small) table once and compu
 every threshold exactly (below), so that assigning a weight is nothing but comparisons
 of `x` against thresholds:
 
-* K <= `UNROLL_MAX_K` (256, every uint8-indexed table): the index is
+* K <= `UNROLL_MAX_K` (64): the index is
   `rep[0] + sum_j [T_j < x] * (rep[j + 1] - rep[j])`, K - 1 compare-and-add steps
   against broadcast thresholds, unrolled into one XLA fusion. It has no gather at all,
   so XLA vectorizes it (8 lanes on AVX2); on CPU this beats a binary search, whose
   log2(K) dependent table look-ups are scalarized gathers. O(N K) work, O(N) memory.
-* larger K: a branchless binary search over the padded thresholds
-  (`ceil(log2 K)` gather-compare-select steps), then one look-up of the index.
-  O(N log K) work, O(N) memory.
+* one table with larger K (up to 4096): a *bucketed look-up*. The range of the
+  thresholds is cut into `B = 16 * 2^ceil(log2 K)` equal buckets by a monotone map
+  `f(x) = min(floor(max((x - T_0) * B / (T_last - T_0), 0)), B - 1)`; a table of
+  `B + 1` entries holds, per bucket, the number of thresholds in the buckets below it.
+  Because `f` is monotone, every threshold in a lower bucket is `< x` and every one in
+  a higher bucket is `> x`, so only the few thresholds inside `x`'s own bucket remain
+  to compare: a branchless search with as many steps as the fullest bucket needs
+  (`lax.switch` on that count; typically one step). That is two gathers per weight
+  (three when the table is not sorted) instead of log2(K): ~2x one elementwise pass at
+  10^7 weights and K = 256 on a 2-core CPU, against ~4x for the unrolled compare.
+* otherwise (several tables with large K): a branchless binary search over the padded
+  thresholds (`ceil(log2 K)` gather-compare-select steps), then one look-up of the
+  index. O(N log K) work, O(N) memory.
 
 **Exact thresholds.** Between sorted neighbours `a <= b` the rule is "go to `b` iff
 `(x - a) > (b - x)`" in float arithmetic of the table's dtype. That predicate is
@@ -43,8 +53,10 @@ import numpy as np
 from jax import lax
 
 #: Largest K assigned by the unrolled comparison against all thresholds; above it, the
-#: binary search. 256 covers every uint8-indexed table.
-UNROLL_MAX_K = 256
+#: bucketed look-up (one table) or the binary search (several tables).
+UNROLL_MAX_K = 64
+#: Buckets per (power-of-two rounded) centroid in the bucketed look-up.
+BUCKETS_PER_CENTROID = 16
 
 
 def sort_tables(tables: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -141,6 +153,8 @@ def _assign(x: jax.Array, tables: jax.Array, base, dtype) -> jax.Array:
         for j in range(k - 1):
             out = out + jnp.where(thr_j[j] < xs, step_j[j], 0)
         return out.astype(dtype)
+    if g_count == 1 and k <= 4096:
+        return _bucketed(xs, thr[0], rep[0]).astype(dtype)
     # Branchless binary search over thresholds padded with +inf to a power of two.
     width = 1 << math.ceil(math.log2(k))
     pad = jnp.full((g_count, width - (k - 1)), jnp.inf, thr.dtype)
@@ -154,6 +168,53 @@ def _assign(x: jax.Array, tables: jax.Array, base, dtype) -> jax.Array:
         step_size >>= 1
     row = 0 if g_count == 1 else group * k
     return _take(rep.reshape(-1), row + q).astype(dtype)
+
+
+def _bucketed(xs: jax.Array, thr: jax.Array, rep: jax.Array) -> jax.Array:
+    """Bucketed look-up for one table: `rep[#{j : thr[j] < x}]` for every `x` of `xs`.
+
+    `thr` (K - 1,) sorted thresholds, `rep` (K,) the index reported per sorted position.
+    """
+    m = thr.shape[0]
+    nb = BUCKETS_PER_CENTROID << math.ceil(math.log2(m + 1))
+    t0 = thr[0]
+    inv = nb / (thr[-1] - t0)
+    inv = jnp.where(jnp.isfinite(inv) & (inv > 0), inv, 0.0).astype(thr.dtype)
+
+    def bucket(v):
+        # Monotone in v; NaN (inf * 0) and negative positions go to bucket 0.
+        y = (v - t0) * inv
+        y = jnp.minimum(jnp.where(y > 0, y, 0.0), nb - 1)
+        return jnp.clip(y.astype(jnp.int32), 0, nb - 1)  # int clip: always in bounds
+
+    edges = jnp.arange(nb + 1, dtype=jnp.int32)
+    below = jnp.searchsorted(bucket(thr), edges, side="left").astype(jnp.int32)
+    below = below.at[nb].set(m)  # thresholds in buckets < b; `below[b + 1]` ends bucket b
+    fullest = jnp.max(below[1:] - below[:-1])
+    steps_max = math.ceil(math.log2(m + 1))
+    # Search steps for the fullest bucket (>= 1 threshold): 1 or 2, else a full search.
+    choices = sorted({1, 2, steps_max})
+    steps = jnp.where(fullest == 1, 0, jnp.where(fullest <= 3, 1, len(choices) - 1))
+    sorted_table = jnp.all(rep == jnp.arange(m + 1, dtype=rep.dtype))
+
+    def branch(n_steps, lookup):
+        def run(xs):
+            b = bucket(xs)
+            q = _take(below, b)
+            hi = _take(below, b + 1)
+            step = 1 << (n_steps - 1)
+            while step >= 1:
+                cand = q + step
+                probe = _take(thr, jnp.minimum(cand, m) - 1)
+                q = jnp.where((cand <= hi) & (probe < xs), cand, q)
+                step >>= 1
+            return _take(rep, q) if lookup else q
+
+        return run
+
+    branches = [branch(n, lookup) for lookup in (True, False) for n in choices]
+    which = steps + jnp.where(sorted_table, len(choices), 0)
+    return lax.switch(which, branches, xs)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
