@@ -85,6 +85,10 @@ _LLOYD_MAX_ITERS = 300
 _DP_MIN_BINS_PER_CLUSTER = 16
 # ... and at least this many bins in all (cheap for small K, and closer to exact).
 _DP_MIN_BINS = 2048
+# Smallest compiled table size (K is traced below it).
+_KMAX_MIN = 256
+# Inputs of at least this many values are compiled with the backend's optimizations.
+_OPTIMIZE_FROM = 1 << 20
 # Padding value of unused table entries while a table is being built (finite on purpose).
 _BIG = 1e30
 
@@ -150,10 +154,18 @@ def init_tables(
     if n == 0:
         return jnp.zeros((g, num_clusters), jnp.float32)
     w = None if importance is None else jnp.asarray(importance, jnp.float32)
-    # The table size is compiled for the next power of two and the actual K is traced:
-    # sweeping K (3, 5, 6, 7, 8, ...) reuses one compilation per power of two.
-    kmax = 1 << (num_clusters - 1).bit_length()
-    tables = _init_tables(
+    # The table size is static and the actual K is traced: every K <= _KMAX_MIN shares
+    # one compilation per shape and method (the kmeans programs take seconds to
+    # compile; a model's layers at K = 4, 8, 16, 32 would otherwise compile 4 times).
+    kmax = max(_KMAX_MIN, 1 << (num_clusters - 1).bit_length())
+    # Small inputs: compile with LLVM's optimizations off (the kmeans programs compile
+    # ~2.5x faster and the run is a few ms either way); large inputs: optimized code,
+    # whose n-sized passes (sort, prefix sums) run ~2x faster.
+    # (Compiler options are only allowed on a top-level jit: under an outer jit, the
+    # outer program's options apply.)
+    inside_jit = isinstance(jnp.zeros(()), jax.core.Tracer)
+    run = _init_tables_large if inside_jit or x.size >= _OPTIMIZE_FROM else _init_tables
+    tables = run(
         x,
         w,
         key,
@@ -165,8 +177,7 @@ def init_tables(
     return tables[:, :num_clusters]
 
 
-@functools.partial(jax.jit, static_argnames=("kmax", "method", "preserve_sparsity"))
-def _init_tables(x, w, key, k_total, *, kmax, method, preserve_sparsity):
+def _init_tables_impl(x, w, key, k_total, *, kmax, method, preserve_sparsity):
     """Jitted body of ``init_tables``: (G, kmax) tables for a traced ``k_total <= kmax``."""
     g = x.shape[0]
     if w is not None:
@@ -183,6 +194,15 @@ def _init_tables(x, w, key, k_total, *, kmax, method, preserve_sparsity):
     if w is None:
         return jax.vmap(lambda xg, kg: fn(xg, None, kg, k_total))(x, keys)
     return jax.vmap(lambda xg, wg, kg: fn(xg, wg, kg, k_total))(x, w, keys)
+
+
+_STATIC = ("kmax", "method", "preserve_sparsity")
+_init_tables = jax.jit(
+    _init_tables_impl,
+    static_argnames=_STATIC,
+    compiler_options={"xla_backend_optimization_level": 0},
+)
+_init_tables_large = jax.jit(_init_tables_impl, static_argnames=_STATIC)
 
 
 # --------------------------------------------------------------------------------------
@@ -748,7 +768,7 @@ def _kmeanspp(xc, pf, start, stop, k, kmax, key):
         jnp.where(j == 0, start, stop),
         jnp.broadcast_to(stop, (kmax,)),
     )
-    table = lax.fori_loop(0, kmax, step, init)[0]
+    table = lax.fori_loop(0, jnp.clip(k, 0, kmax), step, init)[0]
     return jnp.where(j < k, table, _BIG)
 
 
@@ -789,22 +809,25 @@ def _kmeans_refine(xc, pf, start, stop, k, kmax, seeds):
     Both Lloyd runs go through one loop of two stages so that they compile once.
     """
     n = xc.shape[0]
-    nbins, per_cell = _dp_bins(n, kmax)
+    nbins, exact = _dp_bins(n, kmax)
+    # Bins per Lloyd cell for the traced k (the k used cells share all nbins bins).
+    per_cell = nbins // jnp.maximum(k, 1)
 
     def bins(lower, upper):
-        if per_cell == 0:  # few values: every value is its own bin (exact optimum)
+        if exact:  # few values: every value is its own bin (exact optimum)
             return jnp.clip(start + jnp.arange(nbins + 1, dtype=jnp.int32), start, stop)
-        s = jnp.arange(per_cell, dtype=jnp.int32)
-        size = upper - lower
-        if per_cell * n < 2**31:
-            offs = (s[None, :] * size[:, None]) // per_cell
+        e = jnp.arange(nbins, dtype=jnp.int32)
+        cell = jnp.minimum(e // per_cell, kmax - 1)
+        s = e - cell * per_cell
+        lo_c, size = lower[cell], upper[cell] - lower[cell]
+        if nbins * n < 2**31:
+            offs = (s * size) // per_cell
         else:
             offs = jnp.floor(
-                s[None, :].astype(jnp.float32) * size[:, None].astype(jnp.float32) / per_cell
+                s.astype(jnp.float32) * size.astype(jnp.float32) / per_cell.astype(jnp.float32)
             ).astype(jnp.int32)
-        edges = (lower[:, None] + offs).reshape(-1)
-        pad = nbins + 1 - edges.shape[0]
-        return jnp.concatenate([edges, jnp.broadcast_to(stop, (pad,))])
+        edges = jnp.where(e < per_cell * k, lo_c + offs, stop)
+        return jnp.concatenate([edges, jnp.broadcast_to(stop, (1,))])
 
     def stage(s, carry):
         table, best, best_cost = carry
@@ -826,12 +849,12 @@ def _kmeans_refine(xc, pf, start, stop, k, kmax, seeds):
 
 
 def _dp_bins(n, kmax):
-    """(number of bins B = 2^L - 1, bins per Lloyd cell or 0 for one bin per value)."""
+    """(number of bins B = 2^L - 1, whether every value is its own bin)."""
     target = max(_DP_MIN_BINS_PER_CLUSTER * kmax, _DP_MIN_BINS)
     nbins = 2 ** math.ceil(math.log2(target)) - 1
     if n <= nbins:
-        return 2 ** math.ceil(math.log2(n + 1)) - 1, 0
-    return nbins, nbins // kmax
+        return 2 ** math.ceil(math.log2(n + 1)) - 1, True
+    return nbins, False
 
 
 def _dp_optimum(pf, edges, k, kmax):
