@@ -74,6 +74,43 @@ def test_frozen_indices_never_change():
     assert np.any(np.asarray(cj.update_indices(*pair, force=True).indices["w"]) != start)
 
 
+def test_frozen_cluster_sizes_are_cached_and_recounted_when_indices_change():
+    # Frozen "mean" leaves: the optimizer caches the cluster sizes; a state whose indices
+    # were changed behind its back (update_indices(force=True)) must be recounted.
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(12, 6)).astype(np.float32)
+    params = {"w": jnp.asarray(w)}
+    spec = cj.ClusterSpec(num_clusters=3, init="linear", granularity="channel",
+                          update_indices=False)  # fmt: skip
+    state = cj.init(params, spec, key=KEY)
+    tx = cj.optimizer(optax.sgd(1.0))
+    opt_state = tx.init((params, state))
+    assert opt_state.counts["w"].shape == (6, 3)
+    upstream = rng.normal(size=w.shape).astype(np.float32)
+    update = jax.jit(tx.update)
+
+    def expected(state):
+        idx = np.asarray(state.indices["w"], np.int64)
+        out = np.zeros((6, 3))
+        for col in range(6):
+            sums = np.bincount(idx[:, col], weights=upstream[:, col], minlength=3)
+            counts = np.bincount(idx[:, col], minlength=3)
+            out[col] = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+        return -out
+
+    for moved in (False, True):
+        if moved:  # new indices the cache has not seen
+            moved_w = {"w": jnp.asarray(w[::-1].copy())}
+            before = np.asarray(state.indices["w"])
+            state = cj.update_indices(moved_w, state, force=True)
+            assert not np.array_equal(before, state.indices["w"])
+        pair = (params, state)
+        grads = jax.grad(_loss, allow_int=True)(pair, upstream)
+        (_, u_state), opt_state = update(grads, opt_state, pair)
+        np.testing.assert_allclose(u_state.centroids["w"], expected(state), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(opt_state.counted["w"], state.indices["w"])
+
+
 class ConvNet(nn.Module):
     @nn.compact
     def __call__(self, x):

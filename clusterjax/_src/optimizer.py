@@ -17,6 +17,7 @@ The transform optimizes the pair `(params, state)`: the dense weights and the
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -30,9 +31,20 @@ PyTree = Any
 
 
 class ClusterOptimizerState(NamedTuple):
-    """State of `clusterjax.optimizer`: just the inner transform's state."""
+    """State of `clusterjax.optimizer`.
+
+    Attributes:
+      inner_state: the inner optax transform's state.
+      counts: per leaf, the cluster sizes of a leaf with frozen indices
+        (`update_indices=False`) and "mean" aggregation, cached so that a step does not
+        recount them (a scatter over every weight); `None` for other leaves.
+      counted: per leaf, the indices `counts` were counted from. A step whose indices
+        differ (e.g. after `cj.update_indices(..., force=True)`) recounts.
+    """
 
     inner_state: optax.OptState
+    counts: Any = None
+    counted: Any = None
 
 
 def _split_pair(tree: Any, what: str, caller: str) -> tuple[PyTree, ClusterState]:
@@ -72,18 +84,68 @@ def _counts(leaf, indices: jax.Array) -> jax.Array:
     return counts.reshape(leaf.table_shape)
 
 
-def _scale_centroid_grads(params, state, g_centroids):
+def _cached(leaf) -> bool:
+    """Whether the optimizer caches this leaf's cluster sizes (frozen indices, "mean")."""
+    return (
+        leaf is not None
+        and not leaf.spec.update_indices
+        and leaf.spec.gradient_aggregation == "mean"
+    )
+
+
+def _keep(counts, _indices):
+    return counts
+
+
+def _recount(leaf, _counts_before, indices):
+    return _counts(leaf, indices)
+
+
+def _init_counts(params, state):
+    """(counts, counted) trees: cached cluster sizes of frozen "mean" leaves, else None."""
+    counts, counted = [], []
+    for _, leaf, _w, _c, i, _m in core._leaves(params, state, "cj.optimizer.init"):
+        cache = _cached(leaf)
+        counts.append(_counts(leaf, i) if cache else None)
+        counted.append(jnp.asarray(i) if cache else None)
+    treedef = jax.tree.structure(params, is_leaf=lambda x: x is None)
+    return jax.tree.unflatten(treedef, counts), jax.tree.unflatten(treedef, counted)
+
+
+def _scale_centroid_grads(params, state, g_centroids, cache):
+    """Centroid grads divided by the cluster sizes ("mean"); the refreshed count cache."""
     leaves = list(core._leaves(params, state, "cj.optimizer"))
     flat_g = core.flatten_like(params, g_centroids, "centroid grads")
-    out = []
-    for (_, leaf, _w, _c, i, _m), g in zip(leaves, flat_g):
+    if cache is None:
+        flat_counts = flat_counted = [None] * len(leaves)
+    else:
+        flat_counts = core.flatten_like(params, cache[0], "cached counts")
+        flat_counted = core.flatten_like(params, cache[1], "cached indices")
+    out, new_counts, new_counted = [], [], []
+    for (_, leaf, _w, _c, i, _m), g, cached, counted in zip(
+        leaves, flat_g, flat_counts, flat_counted
+    ):
+        if cached is not None:
+            # Recount only if the indices changed since they were counted.
+            i = jnp.asarray(i)
+            same = jnp.array_equal(i, counted)
+            cached = jax.lax.cond(same, _keep, functools.partial(_recount, leaf), cached, i)
+            counted = i
+        new_counts.append(cached)
+        new_counted.append(counted)
         if leaf is None or g is None or leaf.spec.gradient_aggregation != "mean":
             out.append(g)
             continue
-        counts = _counts(leaf, i)
+        counts = _counts(leaf, i) if cached is None else cached
         out.append(jnp.where(counts > 0, g / jnp.maximum(counts, 1.0).astype(g.dtype), 0))
     treedef = jax.tree.structure(params, is_leaf=lambda x: x is None)
-    return jax.tree.unflatten(treedef, out)
+    new_cache = None
+    if cache is not None:
+        new_cache = (
+            jax.tree.unflatten(treedef, new_counts),
+            jax.tree.unflatten(treedef, new_counted),
+        )
+    return jax.tree.unflatten(treedef, out), new_cache
 
 
 def _mask_updates(params, state, u_params, u_centroids):
@@ -108,7 +170,10 @@ def _index_updates(params, state, u_params, u_centroids):
     new_centroids = optax.apply_updates(state.centroids, u_centroids)
     new_state = core.update_indices(new_params, state._replace(centroids=new_centroids))
     d_indices = jax.tree.map(
-        lambda new, old: (new - old).astype(old.dtype), new_state.indices, state.indices
+        # Frozen leaves: update_indices returned the very same array; their update is 0.
+        lambda new, old: jnp.zeros_like(old) if new is old else (new - old).astype(old.dtype),
+        new_state.indices,
+        state.indices,
     )
     d_masks = jax.tree.map(jnp.zeros_like, state.masks)
     return d_indices, d_masks
@@ -150,7 +215,8 @@ def optimizer(inner: optax.GradientTransformation) -> optax.GradientTransformati
 
     def init_fn(trainable):
         params, state = _split_pair(trainable, "the argument of init", "cj.optimizer.init")
-        return ClusterOptimizerState(inner.init((params, state.centroids)))
+        counts, counted = _init_counts(params, state)
+        return ClusterOptimizerState(inner.init((params, state.centroids)), counts, counted)
 
     def update_fn(grads, opt_state, trainable=None, **extra_args):
         if trainable is None:
@@ -160,7 +226,10 @@ def optimizer(inner: optax.GradientTransformation) -> optax.GradientTransformati
             )
         params, state = _split_pair(trainable, "the params argument", "cj.optimizer.update")
         g_params, g_centroids = _centroid_grads(grads, "cj.optimizer.update")
-        g_centroids = _scale_centroid_grads(params, state, g_centroids)
+        cache = None
+        if opt_state.counts is not None or opt_state.counted is not None:
+            cache = (opt_state.counts, opt_state.counted)
+        g_centroids, cache = _scale_centroid_grads(params, state, g_centroids, cache)
         (u_params, u_centroids), inner_state = inner.update(
             (g_params, g_centroids),
             opt_state.inner_state,
@@ -170,6 +239,7 @@ def optimizer(inner: optax.GradientTransformation) -> optax.GradientTransformati
         u_params, u_centroids = _mask_updates(params, state, u_params, u_centroids)
         d_indices, d_masks = _index_updates(params, state, u_params, u_centroids)
         state_updates = ClusterState(u_centroids, d_indices, d_masks, state.specs)
-        return (u_params, state_updates), ClusterOptimizerState(inner_state)
+        counts, counted = (None, None) if cache is None else cache
+        return (u_params, state_updates), ClusterOptimizerState(inner_state, counts, counted)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
