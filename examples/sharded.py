@@ -33,7 +33,15 @@ import sys
 # Before jax is imported: 8 fake CPU devices (ignored by GPU / TPU backends).
 _FLAGS = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _FLAGS:
-    os.environ["XLA_FLAGS"] = (_FLAGS + " --xla_force_host_platform_device_count=8").strip()
+    _FLAGS += " --xla_force_host_platform_device_count=8"
+# The 8 fake devices are threads of one process: on a busy 2-core machine a collective can
+# wait long for its last thread, and XLA's default timeout would abort the run.
+if "xla_cpu_collective_timeout_seconds" not in _FLAGS:
+    _FLAGS += (
+        " --xla_cpu_collective_timeout_seconds=1800"
+        " --xla_cpu_collective_call_terminate_timeout_seconds=1800"
+    )
+os.environ["XLA_FLAGS"] = _FLAGS.strip()
 
 import argparse  # noqa: E402
 import time  # noqa: E402

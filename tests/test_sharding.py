@@ -24,12 +24,18 @@ import subprocess
 import sys
 
 DEVICES = 8
+# The fake devices are threads of one process; with the other pytest worker busy, a
+# collective can wait long for its last thread: XLA's default timeout would abort.
+TIMEOUTS = (
+    "--xla_cpu_collective_timeout_seconds=1800 "
+    "--xla_cpu_collective_call_terminate_timeout_seconds=1800"
+)
 
 
 def test_sharded_train_step_equals_unsharded():
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "")
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={DEVICES}".strip()
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={DEVICES} {TIMEOUTS}"
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__)],
