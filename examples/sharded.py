@@ -189,6 +189,9 @@ def run(args, mesh, data, progress, label):
     opt_state = dense_tx.init(params)
     for i in tqdm(range(args.pretrain_steps), desc=f"{label} dense", disable=not progress):
         params, opt_state, _ = dense_step(params, opt_state, *batch(i))
+        # One step in flight at a time: with many queued multi-device programs, XLA's CPU
+        # runtime (8 fake devices on 2 cores) can deadlock in a collective.
+        jax.block_until_ready(params)
 
     # Cluster on the mesh: jit with explicit out_shardings for the ClusterState.
     init_fn = lambda p, k: cj.init(p, rules, key=k)  # noqa: E731
@@ -206,9 +209,9 @@ def run(args, mesh, data, progress, label):
         xb, yb = batch(args.pretrain_steps + i)
         t = time.perf_counter()
         params, state, opt_state, loss = train_step(params, state, opt_state, xb, yb)
+        jax.block_until_ready((params, state, opt_state))  # one step in flight (see above)
         losses.append(loss)
         if i:  # the first step compiles
-            jax.block_until_ready(loss)
             t_steps.append(time.perf_counter() - t)
     dense = jax.jit(cj.strip)(params, state)
     x_ev, y_ev = global_batch(x_te, rep), global_batch(y_te, rep)

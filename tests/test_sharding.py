@@ -130,6 +130,9 @@ def _worker():
         losses = []
         for _ in range(3):
             params, state, opt_state, loss = train_step(params, state, opt_state, d["x"], d["y"])
+            # One multi-device program in flight at a time: with several queued, XLA's
+            # CPU runtime (8 fake devices on 2 cores) can deadlock in a collective.
+            jax.block_until_ready((params, state, opt_state))
             losses.append(loss)
         out.update(params=params, state=state, opt_state=opt_state, losses=losses)
         moved = jax.tree.map(lambda w: w * 1.01, params)
