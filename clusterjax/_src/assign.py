@@ -110,8 +110,12 @@ def decision_thresholds(sorted_values: jax.Array) -> jax.Array:
         up = (x - a) > (b - x)
         return jnp.where(up, lo, mid), jnp.where(up, mid, hi)
 
-    lo, _ = lax.fori_loop(0, bits, body, (_to_key(a), _to_key(b)))
-    return _from_key(lo, dtype)
+    # Unrolled (not a fori_loop): XLA fuses the steps on these (G, K - 1) arrays into one
+    # kernel, where a loop costs a dispatch per step, which shows in small train steps.
+    carry = (_to_key(a), _to_key(b))
+    for i in range(bits):
+        carry = body(i, carry)
+    return _from_key(carry[0], dtype)
 
 
 def _take(table: jax.Array, idx: jax.Array) -> jax.Array:
@@ -154,7 +158,7 @@ def _assign(x: jax.Array, tables: jax.Array, base, dtype) -> jax.Array:
             out = out + jnp.where(thr_j[j] < xs, step_j[j], 0)
         return out.astype(dtype)
     if g_count == 1 and k <= 4096:
-        return _bucketed(xs, thr[0], rep[0]).astype(dtype)
+        return _bucketed(xs, thr[0], rep[0], dtype)
     # Branchless binary search over thresholds padded with +inf to a power of two.
     width = 1 << math.ceil(math.log2(k))
     pad = jnp.full((g_count, width - (k - 1)), jnp.inf, thr.dtype)
@@ -170,7 +174,7 @@ def _assign(x: jax.Array, tables: jax.Array, base, dtype) -> jax.Array:
     return _take(rep.reshape(-1), row + q).astype(dtype)
 
 
-def _bucketed(xs: jax.Array, thr: jax.Array, rep: jax.Array) -> jax.Array:
+def _bucketed(xs: jax.Array, thr: jax.Array, rep: jax.Array, dtype) -> jax.Array:
     """Bucketed look-up for one table: `rep[#{j : thr[j] < x}]` for every `x` of `xs`.
 
     `thr` (K - 1,) sorted thresholds, `rep` (K,) the index reported per sorted position.
@@ -208,7 +212,8 @@ def _bucketed(xs: jax.Array, thr: jax.Array, rep: jax.Array) -> jax.Array:
                 probe = _take(thr, jnp.minimum(cand, m) - 1)
                 q = jnp.where((cand <= hi) & (probe < xs), cand, q)
                 step >>= 1
-            return _take(rep, q) if lookup else q
+            # Cast inside the branch: the switch's output is then the (small) index dtype.
+            return (_take(rep, q) if lookup else q).astype(dtype)
 
         return run
 

@@ -206,21 +206,32 @@ def _assign_leaf(leaf: _Leaf, w: jax.Array, centroids: jax.Array, mask: jax.Arra
     """Nearest-centroid indices for one leaf (masked weights -> the zero centroid 0)."""
     k = leaf.spec.num_clusters
     tables = centroids.reshape(-1, k)
+    dtype = leaf.spec.index_dtype
     if mask is None:
-        idx = _assign.nearest(w, tables, leaf.base())
-    else:
-        # Kept weights go to the nearest *non-zero* centroid (1..K-1), pruned ones to 0.
-        base = leaf.base()
-        if leaf.axis is not None:
-            base = (base // k) * (k - 1)
-        idx = _assign.nearest(w, tables[:, 1:], base) + 1
-        idx = jnp.where(mask, idx, 0)
-    return idx.astype(leaf.spec.index_dtype)
+        # Straight to the index dtype: no int32 array of the leaf's size is materialized.
+        return _assign.assign(w, tables, leaf.base(), dtype=dtype)
+    # Kept weights go to the nearest *non-zero* centroid (1..K-1), pruned ones to 0.
+    base = leaf.base()
+    if leaf.axis is not None:
+        base = (base // k) * (k - 1)
+    idx = _assign.assign(w, tables[:, 1:], base, dtype=dtype) + jnp.ones((), dtype)
+    return jnp.where(mask, idx, jnp.zeros((), dtype))
 
 
 def _lookup(w: jax.Array, centroids: jax.Array, indices: jax.Array, base) -> jax.Array:
     """`centroids[group][indices]` in the leaf's dtype (`w` only gives the dtype)."""
     flat = centroids.reshape(-1)
+    if isinstance(base, int) and base == 0:
+        # One table: gather with the small unsigned indices themselves, so neither this
+        # gather nor its transpose (the scatter-add of the centroid gradient) needs an
+        # int32 copy of the indices (4 bytes per weight in a train step).
+        dnums = jax.lax.GatherDimensionNumbers(
+            offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,)
+        )
+        out = jax.lax.gather(
+            flat, indices[..., None], dnums, (1,), mode=jax.lax.GatherScatterMode.CLIP
+        )
+        return out.astype(w.dtype)
     return flat[base + indices.astype(jnp.int32)].astype(w.dtype)
 
 
