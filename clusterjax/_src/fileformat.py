@@ -36,6 +36,7 @@ from clusterjax._src import core
 from clusterjax._src.packing import MAX_BITS, PackedArray, is_packed, pack, packed_nbytes
 from clusterjax._src.packing import unpack_bits as _unpack_bits
 from clusterjax._src.spec import GRANULARITIES, index_bits
+from clusterjax._src.tree import path_components
 
 PyTree = Any
 MAGIC = b"CLUSTJAX"
@@ -87,37 +88,6 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def _components(keypath) -> list[str | int]:
-    """Path components of a key path: the pieces `path_str` joins with '/'.
-
-    Integer dict keys and sequence positions stay integers (nnx keeps the layers of
-    `nnx.Sequential` under int keys, and `nnx.update` needs them back as ints); every
-    other key becomes its string form.
-    """
-    parts: list[str | int] = []
-    for key in keypath:
-        if isinstance(key, jax.tree_util.DictKey):
-            k = key.key
-            parts.append(
-                int(k) if isinstance(k, (int, np.integer)) and not isinstance(k, bool) else str(k)
-            )
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(int(key.idx))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(str(key.name))
-        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-            parts.append(int(key.key))
-        else:
-            parts.append(str(key))
-    if (
-        len(parts) > 1
-        and parts[-1] == "value"
-        and isinstance(keypath[-1], jax.tree_util.GetAttrKey)
-    ):
-        parts.pop()  # the array inside an nnx Variable
-    return parts
-
-
 def _join(parts: list) -> str:
     return "/".join(str(p) for p in parts)
 
@@ -146,7 +116,7 @@ def _plan(packed: PyTree) -> tuple[bytes, list[tuple[int, np.ndarray]], int]:
         return offset, arr.nbytes
 
     for keypath, leaf in flat:
-        parts = _components(keypath)
+        parts = path_components(keypath)
         name = _join(parts)
         if name in seen:
             raise ValueError(

@@ -6,6 +6,35 @@ from collections.abc import Iterable
 from typing import Any
 
 import jax
+import numpy as np
+
+
+def path_components(path: Iterable[Any]) -> list[str | int]:
+    """The pieces of a `jax.tree_util` key path that `path_str` joins with '/'.
+
+    Integer dict keys and sequence positions stay integers (nnx keeps the layers of
+    `nnx.Sequential` under int keys, and `nnx.update` needs them back as ints); every other
+    key becomes its string form. A trailing `.value` (the array inside an nnx `Variable`)
+    is dropped.
+    """
+    path = list(path)
+    parts: list[str | int] = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            k = key.key
+            integer = isinstance(k, (int, np.integer)) and not isinstance(k, bool)
+            parts.append(int(k) if integer else str(k))
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(int(key.idx))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            parts.append(str(key.name))
+        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+            parts.append(int(key.key))
+        else:
+            parts.append(str(key))
+    if len(parts) > 1 and parts[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
+        parts.pop()
+    return parts
 
 
 def path_str(path: Iterable[Any]) -> str:
@@ -22,25 +51,7 @@ def path_str(path: Iterable[Any]) -> str:
       >>> [cj.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
       ['Dense_0/kernel', 'blocks/0']
     """
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(str(key.name))
-        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(key.key))
-        else:
-            parts.append(str(key))
-    if (
-        len(parts) > 1
-        and parts[-1] == "value"
-        and isinstance(list(path)[-1], jax.tree_util.GetAttrKey)
-    ):
-        parts.pop()
-    return "/".join(parts)
+    return "/".join(str(part) for part in path_components(path))
 
 
 def _is_none(x: Any) -> bool:
