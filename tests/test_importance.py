@@ -127,6 +127,72 @@ def test_zero_and_none_importance():
         cj.init(params, spec, key=key, importance={"a": jnp.ones((2, 4)), "b": None})
 
 
+@pytest.mark.parametrize(
+    "shape, spec",
+    [
+        ((2, 4), cj.ClusterSpec(num_clusters=3, init="kmeans")),
+        ((8, 3), cj.ClusterSpec(num_clusters=3, init="kmeans", granularity="channel")),
+        ((4, 4), cj.ClusterSpec(num_clusters=3, init="kmeans", granularity="group", group_size=2)),
+    ],
+    ids=["tensor", "channel", "group"],
+)
+def test_importance_damping_adds_each_tables_mean(shape, spec):
+    """Damping = the weighted optimum for F + lambda * mean(F over the weight's table)."""
+    rng = np.random.default_rng(5)
+    for lam in (0.5, 3.0):
+        w = rng.standard_t(3, size=shape).astype(np.float32)
+        imp = (rng.pareto(1.5, size=shape) * rng.integers(0, 2, size=shape)).astype(np.float32)
+        params = {"w": jnp.asarray(w)}
+        state = cj.init(
+            params, spec, key=jax.random.key(0), importance={"w": imp}, importance_damping=lam
+        )
+        # Reference: the damped importance built by hand, table by table (float64).
+        damped_groups = [g + lam * g.mean() for g in _groups(imp, spec)]
+        got = sum(
+            float(np.sum(dg * (xg - qg) ** 2))
+            for dg, xg, qg in zip(
+                damped_groups,
+                _groups(w, spec),
+                _groups(cj.strip(params, state)["w"], spec),
+            )
+        )
+        best = sum(
+            _brute_force_weighted_sse(xg, dg, spec.num_clusters)
+            for xg, dg in zip(_groups(w, spec), damped_groups)
+        )
+        assert got <= best * (1 + 1e-5) + 1e-6, (lam, got, best)
+    # Very strong damping is the plain (unweighted) objective.
+    plain = cj.init(params, spec, key=jax.random.key(0))
+    strong = cj.init(
+        params, spec, key=jax.random.key(0), importance={"w": imp}, importance_damping=1e6
+    )
+    assert _weighted_sse(params, strong, None) == pytest.approx(
+        _weighted_sse(params, plain, None), rel=1e-4
+    )
+
+
+def test_bad_importance_values_and_damping():
+    params = {"layer": {"w": jnp.ones((4, 2)) * jnp.arange(8.0).reshape(4, 2)}}
+    spec = cj.ClusterSpec(num_clusters=2, init="kmeans")
+    key = jax.random.key(0)
+    for value in (-1.0, np.nan, np.inf):
+        imp = np.ones((4, 2), np.float32)
+        imp[2, 1] = value
+        with pytest.raises(ValueError, match=r"'layer/w'.*index \(2, 1\)"):
+            cj.init(params, spec, key=key, importance={"layer": {"w": imp}})
+    for lam in (-1.0, np.nan, "1", True):
+        with pytest.raises(ValueError, match="importance_damping"):
+            cj.init(
+                params,
+                spec,
+                key=key,
+                importance={"layer": {"w": np.ones((4, 2))}},
+                importance_damping=lam,
+            )
+    with pytest.raises(ValueError, match="needs an importance tree"):
+        cj.init(params, spec, key=key, importance_damping=1.0)
+
+
 # ------------------------------------------------------------------------ Fisher helper
 
 

@@ -251,12 +251,28 @@ def _check_finite(path: str, w: Any) -> None:
         )
 
 
+def _check_importance(path: str, imp: Any) -> None:
+    if isinstance(imp, jax.core.Tracer):
+        return  # values are unknown under jit; checked when called eagerly
+    a = np.asarray(jnp.asarray(imp, jnp.float32))
+    bad = ~np.isfinite(a) | (a < 0)
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"cj.init: importance for leaf {path!r} holds {int(bad.sum())} negative or "
+            f"NaN/Inf value(s), e.g. {float(a[at])!r} at index {at}. Importances are "
+            "non-negative weights of the squared error (e.g. cj.fisher_importance). "
+            "Fix: repair the estimate, or pass None for that leaf (uniform importance)."
+        )
+
+
 def init(
     params: PyTree,
     spec_or_rules: SpecOrRules,
     *,
     key: jax.Array,
     importance: PyTree | None = None,
+    importance_damping: float = 0.0,
 ) -> ClusterState:
     """Initializes centroids, indices and masks for every selected leaf of `params`.
 
@@ -279,6 +295,12 @@ def init(
       importance: optional pytree with params' structure of non-negative per-weight
         importances (e.g. squared gradients); the init methods then minimize the
         importance-weighted error. `None` leaves mean uniform importance.
+      importance_damping: `lambda >= 0`: each weight's importance becomes
+        `F + lambda * mean(F)`, the mean taken over the weights of its centroid table,
+        before the weighted fit. Fisher estimates from a model that fits its data are
+        dominated by the few examples it still gets wrong; damping (`1.0` blends the
+        Fisher-weighted and the plain objective half and half) keeps every weight's
+        error in the objective. Needs `importance`.
 
     Returns:
       A `ClusterState` whose indices are the nearest-centroid assignment of `params`.
@@ -298,6 +320,22 @@ def init(
     """
     flat = leaves_with_paths(params)
     choices = _select(params, spec_or_rules)
+    damping = importance_damping
+    if (
+        isinstance(damping, bool)
+        or not isinstance(damping, (int, float, np.integer, np.floating))
+        or not np.isfinite(damping)
+        or damping < 0
+    ):
+        raise ValueError(
+            f"cj.init: importance_damping={damping!r} must be a finite number >= 0 "
+            "(e.g. 1.0 adds each table's mean importance to every weight's)."
+        )
+    if damping and importance is None:
+        raise ValueError(
+            f"cj.init: importance_damping={damping!r} needs an importance tree; pass "
+            "importance=cj.fisher_importance(...) or drop importance_damping."
+        )
     if importance is not None:
         imp_flat = flatten_like(params, importance, "importance (the importance tree)")
     else:
@@ -321,7 +359,11 @@ def init(
                     f"cj.init: importance for leaf {path!r} has shape {np.shape(imp)}, "
                     f"expected the weight's shape {leaf.shape}."
                 )
+            _check_importance(path, imp)
             weights = leaf.grouped(jnp.asarray(imp)).astype(jnp.float32)
+            if damping:
+                weights = jnp.maximum(weights, 0.0)
+                weights = weights + jnp.float32(damping) * jnp.mean(weights, -1, keepdims=True)
         tables = _centroid_init.init_tables(
             values,
             num_clusters=spec.num_clusters,
