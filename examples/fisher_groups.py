@@ -5,14 +5,18 @@ kernel *without any fine-tuning*:
 
 1. per channel at K = 4 and 8, with `init="kmeans"` plain and weighted by the diagonal
    empirical Fisher information (`cj.fisher_importance`: per-example squared gradients
-   over the training set), as SqueezeLLM / coremltools' sensitive k-means do;
+   over the training set), as SqueezeLLM / coremltools' sensitive k-means do: undamped,
+   and damped (`cj.init(..., importance_damping=1.0)`: each weight's importance plus
+   its table's mean importance). Over `--seeds` independently trained models, since one
+   test image is 0.22 points;
 2. with one centroid table per group of 1 (= per channel), 8, 32 output channels and
-   per tensor, at the same K, plain and Fisher-weighted: test accuracy against the
-   stored size (bit-packed indices plus float32 tables plus dense biases).
+   per tensor, at the same K, plain and Fisher-weighted (damped), on the first model:
+   test accuracy against the stored size (bit-packed indices plus float32 tables plus
+   dense biases).
 
 Writes `results.md` and `fisher_groups.png` to the output folder, which it prints.
 
-    python examples/fisher_groups.py              # about 5-10 minutes on 2 CPU cores
+    python examples/fisher_groups.py              # about 10 minutes on 2 CPU cores
     python examples/fisher_groups.py --help
 """
 
@@ -158,6 +162,15 @@ def weighted_sse(params, dense, fisher) -> float:
     return total
 
 
+def damped_per_channel(fisher, damping: float):
+    """`F + damping * mean(F)` per output channel (the per-channel tables' means)."""
+    return jax.tree.map(
+        lambda f: None if f is None else f + damping * jnp.mean(f, axis=0, keepdims=True),
+        fisher,
+        is_leaf=lambda a: a is None,
+    )
+
+
 def max_distinct_per_table(dense, state) -> int:
     """Largest number of distinct values in any one centroid table's share of a kernel."""
     worst = 0
@@ -212,10 +225,33 @@ def parse(argv):
         help="empirical: squared gradients of the loss at the true labels; model: expected "
         "over labels drawn from the model's own prediction (the Fisher information proper)",
     )
-    p.add_argument("--seed", type=int, default=0, help="model init, batch order, cluster init")
+    p.add_argument(
+        "--damping",
+        type=float,
+        default=1.0,
+        help="importance_damping of the damped Fisher runs (and of the group table)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=8,
+        help="independently trained models for the per-channel plain-vs-Fisher table",
+    )
+    p.add_argument("--seed", type=int, default=0, help="first seed (model init, batch order)")
     p.add_argument("--out", default="examples/out/fisher_groups", help="output folder")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p.parse_args(argv)
+
+
+def fisher_of(params, batches, kind):
+    """Diagonal Fisher of the kernels: empirical, or under the model's own predictions."""
+    kernels = r".*/kernel"
+    if kind == "empirical":
+        return cj.fisher_importance(xent, params, batches, select=kernels, chunk_size=64)
+    return cj.fisher_importance(
+        weighted_xent, params, model_label_batches(params, batches), select=kernels,
+        chunk_size=64,
+    )  # fmt: skip
 
 
 def main(argv=None) -> dict:
@@ -226,42 +262,84 @@ def main(argv=None) -> dict:
     ks = [int(k) for k in args.clusters.split(",")]
     groups = [g.strip() for g in args.groups.split(",")]
     x_tr, y_tr, x_te, y_te = load_digits_split(seed=0)
+    n_fisher = len(x_tr) if args.fisher_examples is None else args.fisher_examples
+    batches = [(x_tr[i : i + 64], y_tr[i : i + 64]) for i in range(0, min(n_fisher, len(x_tr)), 64)]
 
-    params = MODEL.init(jax.random.key(args.seed), x_tr[:1])["params"]
-    params, losses = train(
-        params,
-        x_tr,
-        y_tr,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        progress=progress,
-    )
+    # ---- table 1: per channel, plain vs Fisher vs damped Fisher, one row per model.
+    fisher_rows, per_seed, models = [], [], []
+    fisher_seconds = 0.0
+    seeds = range(args.seed, args.seed + max(args.seeds, 1))
+    for seed in tqdm(seeds, desc="models", disable=not progress, file=sys.stderr):
+        params = MODEL.init(jax.random.key(seed), x_tr[:1])["params"]
+        params, losses = train(
+            params,
+            x_tr,
+            y_tr,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            seed=seed,
+            progress=progress,
+        )
+        t_f = time.perf_counter()
+        fisher = jax.block_until_ready(fisher_of(params, batches, args.fisher))
+        fisher_seconds += time.perf_counter() - t_f
+        damped = damped_per_channel(fisher, args.damping)
+        models.append((seed, params, fisher, losses))
+        key = jax.random.key(seed + 1)
+        for k in ks:
+            rules = rules_for(params, k, "1", args.init)
+            row = {}
+            for name, imp, lam in (
+                ("plain", None, 0.0),
+                ("fisher", fisher, 0.0),
+                ("damped", fisher, args.damping),
+            ):
+                state = cj.init(params, rules, key=key, importance=imp, importance_damping=lam)
+                dense = cj.strip(params, state)
+                acc, loss = evaluate(dense, x_te, y_te)
+                row[name] = (float(acc), float(loss), weighted_sse(params, dense, damped))
+            per_seed.append((seed, k, row))
+            fisher_rows.append(
+                [seed, k]
+                + [row[n][0] for n in ("plain", "fisher", "damped")]
+                + [row[n][1] for n in ("plain", "fisher", "damped")]
+                + [f"{row['plain'][2]:.3e}", f"{row['damped'][2]:.3e}"]
+            )
+    mean_rows = []
+    for k in ks:
+        rows = [r for _, kk, r in per_seed if kk == k]
+
+        def mean(name, i, rows=rows):
+            return float(np.mean([r[name][i] for r in rows]))
+
+        wins = [
+            sum(r[name][0] > r["plain"][0] for r in rows)
+            - sum(r[name][0] < r["plain"][0] for r in rows)
+            for name in ("fisher", "damped")
+        ]
+        mean_rows.append(
+            [f"mean of {len(rows)}", k]
+            + [mean(n, 0) for n in ("plain", "fisher", "damped")]
+            + [mean(n, 1) for n in ("plain", "fisher", "damped")]
+            + [f"{wins[0]:+d}", f"{wins[1]:+d}"]
+        )
+
+    # ---- table 2: granularity vs size, on the first model, plain vs damped Fisher.
+    seed, params, fisher, losses = models[0]
     train_acc, train_loss = evaluate(params, x_tr, y_tr)
     base_acc, base_loss = evaluate(params, x_te, y_te)
     float_bytes = sum(int(np.size(w)) * 4 for w in jax.tree.leaves(params))
-
-    n_fisher = len(x_tr) if args.fisher_examples is None else args.fisher_examples
-    batches = [(x_tr[i : i + 64], y_tr[i : i + 64]) for i in range(0, min(n_fisher, len(x_tr)), 64)]
-    kernels = r".*/kernel"
-    t_f = time.perf_counter()
-    if args.fisher == "empirical":
-        fisher = cj.fisher_importance(xent, params, batches, select=kernels, chunk_size=64)
-    else:
-        fisher = cj.fisher_importance(
-            weighted_xent, params, model_label_batches(params, batches), select=kernels,
-            chunk_size=64,
-        )  # fmt: skip
-    jax.block_until_ready(fisher)
-    fisher_seconds = time.perf_counter() - t_f
-
-    key = jax.random.key(args.seed + 1)
+    key = jax.random.key(seed + 1)
     results = {}  # (group, K, weighted) -> row dict
     jobs = [(g, k, wt) for g in groups for k in ks for wt in (False, True)]
     for g, k, wt in tqdm(jobs, desc="cluster", disable=not progress, file=sys.stderr):
         state = cj.init(
-            params, rules_for(params, k, g, args.init), key=key, importance=fisher if wt else None
+            params,
+            rules_for(params, k, g, args.init),
+            key=key,
+            importance=fisher if wt else None,
+            importance_damping=args.damping if wt else 0.0,
         )
         dense = cj.strip(params, state)
         acc, loss = evaluate(dense, x_te, y_te)
@@ -269,31 +347,8 @@ def main(argv=None) -> dict:
         distinct = max_distinct_per_table(dense, state)
         assert distinct <= k, (g, k, distinct)
         results[(g, k, wt)] = dict(
-            acc=float(acc),
-            loss=float(loss),
-            size=size,
-            tables=tables,
-            distinct=distinct,
-            wsse=weighted_sse(params, dense, fisher),
+            acc=float(acc), loss=float(loss), size=size, tables=tables, distinct=distinct
         )
-
-    # ---- table 1: per channel, plain vs Fisher.
-    fisher_rows = []
-    if "1" in groups:
-        for k in ks:
-            p, f = results[("1", k, False)], results[("1", k, True)]
-            fisher_rows.append(
-                [
-                    k,
-                    p["acc"],
-                    f["acc"],
-                    p["loss"],
-                    f["loss"],
-                    f"{p['wsse']:.3e}",
-                    f"{f['wsse']:.3e}",
-                ]
-            )
-    # ---- table 2: granularity vs size.
     group_rows = []
     for g in groups:
         for k in ks:
@@ -305,50 +360,46 @@ def main(argv=None) -> dict:
             )
 
     cmd = "python examples/fisher_groups.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    fisher_kind = (
+        "empirical (squared gradients at the true labels)"
+        if args.fisher == "empirical"
+        else "under the model's predictive distribution (every label y weighted by p(y|x))"
+    )
+    header = ["seed", "K", "acc plain", "acc Fisher", "acc damped"]
+    header += ["loss plain", "loss Fisher", "loss damped"]
     text = [
         "## Fisher-weighted post-training clustering and grouped tables (issue #6)",
         "",
         f"Command: `{cmd.strip()}`",
         "",
         f"Digits MLP 64-256-256-10 trained {args.epochs} epochs (Adam {args.lr:g}, cosine, "
-        f"batch {args.batch_size}): train loss {float(train_loss):.2e}, train accuracy "
+        f"batch {args.batch_size}), {len(models)} models (seeds {seeds.start}.."
+        f"{seeds.stop - 1}); the first: train loss {float(train_loss):.2e}, train accuracy "
         f"{float(train_acc):.4f}; test accuracy {float(base_acc):.4f}, test loss "
         f"{float(base_loss):.4f}, float32 size {float_bytes:,} bytes. All three kernels "
         f"clustered with `init={args.init!r}`, **no fine-tuning**. Fisher = "
         f"`cj.fisher_importance` over {sum(len(b[0]) for b in batches)} training examples "
-        f"({fisher_seconds:.1f} s), "
-        + (
-            "empirical (squared gradients at the true labels)."
-            if args.fisher == "empirical"
-            else "under the model's predictive distribution (every label y weighted by p(y|x))."
-        ),
+        f"({fisher_seconds / len(models):.1f} s per model), {fisher_kind}.",
         "",
-    ]
-    if fisher_rows:
-        text += [
-            "Per-channel tables, plain vs Fisher-weighted k-means (test set). Weighted SSE "
-            "= sum F (w - q(w))^2 over the kernels, the objective the weighted k-means "
-            "minimizes (half of it is the diagonal second-order estimate of the loss increase):",
-            "",
-            markdown_table(
-                [
-                    "K",
-                    "acc plain",
-                    "acc Fisher",
-                    "loss plain",
-                    "loss Fisher",
-                    "weighted SSE plain",
-                    "weighted SSE Fisher",
-                ],
-                fisher_rows,
-            ),
-            "",
-        ]
-    text += [
-        "Granularity vs size (size = bit-packed indices N * ceil(log2 K) / 8 + tables * K * "
-        "4 bytes + float32 biases; ratio vs float32; the 10-channel classifier kernel gets "
-        "one table when the group size does not divide 10). `max distinct` = the most "
-        "distinct values of any one table's weights after `cj.strip` (<= K):",
+        "Per-channel tables, plain vs Fisher-weighted k-means (test set, 450 images: one "
+        "image is 0.0022). *Fisher*: importance = F; *damped*: "
+        f"`importance_damping={args.damping:g}`, F + {args.damping:g} x the mean F of the "
+        "weight's table. Weighted SSE = sum (damped F) (w - q(w))^2 over the kernels, the "
+        "objective the damped run minimizes (half of it is the diagonal second-order "
+        "estimate of the loss increase):",
+        "",
+        markdown_table(header + ["wSSE plain", "wSSE damped"], fisher_rows),
+        "",
+        "Means over the models; *net wins* = models where the Fisher run is more accurate "
+        "than plain minus models where it is less:",
+        "",
+        markdown_table(header + ["net wins Fisher", "net wins damped"], mean_rows),
+        "",
+        "Granularity vs size on the first model (size = bit-packed indices N * "
+        "ceil(log2 K) / 8 + tables * K * 4 bytes + float32 biases; ratio vs float32; the "
+        "10-channel classifier kernel gets one table when the group size does not divide "
+        "10); *acc Fisher* = damped. `max distinct` = the most distinct values of any one "
+        "table's weights after `cj.strip` (<= K):",
         "",
         markdown_table(
             ["tables", "K", "#tables", "bytes", "ratio", "acc plain", "acc Fisher", "max distinct"],
@@ -382,15 +433,16 @@ def main(argv=None) -> dict:
     axes[0].axhline(float(base_acc), color="gray", lw=0.8, label="float32")
     axes[0].set(xlabel="stored size (KiB)", ylabel="test accuracy", title="group size (labels)")
     axes[0].legend(fontsize=7)
-    if fisher_rows:
-        xs = np.arange(len(ks))
-        axes[1].bar(xs - 0.2, [r[1] for r in fisher_rows], 0.4, label="plain k-means")
-        axes[1].bar(xs + 0.2, [r[2] for r in fisher_rows], 0.4, label="Fisher-weighted")
-        axes[1].set_xticks(xs, [f"K={k}" for k in ks])
-        axes[1].set(ylabel="test accuracy", title="per channel, no fine-tuning")
-        lo = min(min(r[1], r[2]) for r in fisher_rows)
-        axes[1].set_ylim(max(0.0, lo - 0.05), 1.0)
-        axes[1].legend(fontsize=7)
+    xs = np.arange(len(ks))
+    for i, name in enumerate(("plain k-means", "Fisher", f"Fisher damped {args.damping:g}")):
+        axes[1].bar(xs + (i - 1) * 0.27, [r[2 + i] for r in mean_rows], 0.27, label=name)
+    axes[1].set_xticks(xs, [f"K={k}" for k in ks])
+    axes[1].set(
+        ylabel="mean test accuracy", title=f"per channel, no fine-tuning, {len(models)} models"
+    )
+    lo = min(min(r[2:5]) for r in mean_rows)
+    axes[1].set_ylim(max(0.0, lo - 0.05), 1.0)
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
     png = os.path.join(args.out, "fisher_groups.png")
     fig.savefig(png, dpi=110)
@@ -404,6 +456,7 @@ def main(argv=None) -> dict:
         "base_acc": float(base_acc),
         "train_losses": losses,
         "fisher_rows": fisher_rows,
+        "mean_rows": mean_rows,
         "group_rows": group_rows,
         "out": args.out,
     }

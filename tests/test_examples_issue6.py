@@ -24,13 +24,18 @@ def _load(name):
 def test_fisher_groups(tmp_path):
     argv = [
         "--epochs", "1", "--clusters", "4", "--groups", "1,8,tensor", "--init", "density",
-        "--fisher-examples", "128", "--out", str(tmp_path), "--no-progress",
+        "--fisher-examples", "128", "--seeds", "2", "--out", str(tmp_path), "--no-progress",
     ]  # fmt: skip
     out = _load("fisher_groups").main(argv)
     text = (tmp_path / "results.md").read_text()
-    assert "acc Fisher" in text and "| group 8 | 4 |" in text
+    assert "acc damped" in text and "| group 8 | 4 |" in text
     assert (tmp_path / "fisher_groups.png").stat().st_size > 0
-    assert len(out["fisher_rows"]) == 1 and len(out["group_rows"]) == 3
+    assert len(out["fisher_rows"]) == 2 and len(out["group_rows"]) == 3
+    # The mean row is the mean of the two models' rows (acc plain / Fisher / damped).
+    (mean_row,) = out["mean_rows"]
+    for col in (2, 3, 4):
+        expected = (out["fisher_rows"][0][col] + out["fisher_rows"][1][col]) / 2
+        assert abs(mean_row[col] - expected) < 1e-9
     for (_, k, _), row in out["results"].items():
         assert row["distinct"] <= k
         assert 0.0 <= row["acc"] <= 1.0
