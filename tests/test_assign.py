@@ -172,3 +172,19 @@ def test_per_group_tables_large_k():
     groups = np.broadcast_to(np.arange(3), x.shape)
     base = jnp.arange(3, dtype=jnp.int32)[None, :] * 100
     _check(x, tables, groups, base)
+
+
+@pytest.mark.parametrize("k", [16, 300])
+def test_sorted_fast_path_and_sorting_agree(k):
+    """Strictly increasing tables skip the sort; tables with a swapped pair or duplicate
+    centroids take it (K <= 256: all-pairs ranks, larger K: binary search)."""
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal(3000).astype(np.float32)
+    table = np.sort(rng.standard_normal(k).astype(np.float32))
+    swapped = table.copy()
+    swapped[[3, 4]] = swapped[[4, 3]]
+    dup = table.copy()
+    dup[7] = dup[6]  # still non-decreasing, but not strictly: rep must be the lowest index
+    for t in (table, swapped, dup, table[::-1].copy()):
+        got = _check(x, t[None])
+        np.testing.assert_array_equal(got, nearest_reference(x, t[None]))

@@ -224,12 +224,18 @@ def _lookup(w: jax.Array, centroids: jax.Array, indices: jax.Array, base) -> jax
     if isinstance(base, int) and base == 0:
         # One table: gather with the small unsigned indices themselves, so neither this
         # gather nor its transpose (the scatter-add of the centroid gradient) needs an
-        # int32 copy of the indices (4 bytes per weight in a train step).
+        # int32 copy of the indices (4 bytes per weight in a train step). Not mode=CLIP:
+        # its transpose clamps the indices into yet another copy. An XLA gather clamps
+        # out-of-range starts by itself, and a scatter drops them, so this stays safe.
         dnums = jax.lax.GatherDimensionNumbers(
             offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,)
         )
         out = jax.lax.gather(
-            flat, indices[..., None], dnums, (1,), mode=jax.lax.GatherScatterMode.CLIP
+            flat,
+            indices[..., None],
+            dnums,
+            (1,),
+            mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
         )
         return out.astype(w.dtype)
     return flat[base + indices.astype(jnp.int32)].astype(w.dtype)

@@ -74,13 +74,22 @@ def _centroid_grads(grads: Any, caller: str) -> tuple[PyTree, PyTree]:
 def _counts(leaf, indices: jax.Array) -> jax.Array:
     """Cluster sizes, shaped like the leaf's centroid table."""
     k = leaf.spec.num_clusters
-    segments = (
-        (leaf.base() + indices.astype(jnp.int32)).reshape(-1)
-        if leaf.axis is not None
-        else (indices.astype(jnp.int32).reshape(-1))
+    if leaf.axis is None:
+        # One table: scatter with the small unsigned indices as they are (no int32 copy
+        # of the leaf; out-of-range entries, impossible here, would be dropped).
+        segments = indices.reshape(-1, 1)
+    else:
+        segments = (leaf.base() + indices.astype(jnp.int32)).reshape(-1, 1)
+    dnums = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
     )
-    ones = jnp.ones(segments.shape, jnp.float32)
-    counts = jax.ops.segment_sum(ones, segments, num_segments=leaf.num_groups * k)
+    counts = jax.lax.scatter_add(
+        jnp.zeros((leaf.num_groups * k,), jnp.float32),
+        segments,
+        jnp.ones((segments.shape[0],), jnp.float32),
+        dnums,
+        mode=jax.lax.GatherScatterMode.FILL_OR_DROP,
+    )
     return counts.reshape(leaf.table_shape)
 
 
