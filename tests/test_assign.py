@@ -188,3 +188,34 @@ def test_sorted_fast_path_and_sorting_agree(k):
     for t in (table, swapped, dup, table[::-1].copy()):
         got = _check(x, t[None])
         np.testing.assert_array_equal(got, nearest_reference(x, t[None]))
+
+
+def _fullest_bucket(table):
+    """Most decision thresholds in one bucket of the look-up (NumPy, midpoints)."""
+    t = np.sort(np.asarray(table, np.float64))
+    thr = (t[1:] + t[:-1]) / 2
+    nb = 16 << int(np.ceil(np.log2(len(thr) + 1)))
+    pos = np.clip(((thr - thr[0]) * (nb / (thr[-1] - thr[0]))).astype(np.int64), 0, nb - 1)
+    return np.bincount(pos, minlength=nb).max()
+
+
+@pytest.mark.parametrize("crowd", [1, 2, 3, 6])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_bucketed_lookup_each_bucket_fill(crowd, shuffle):
+    """Evenly spread centroids plus a tight run of `crowd + 1` centroids, so that the
+    fullest bucket holds `crowd` thresholds: every branch (one, two, a short and a full
+    search; sorted and unsorted) against the reference."""
+    rng = np.random.default_rng(crowd)
+    k = 200
+    spread = np.linspace(-1.0, 1.0, k - crowd - 1)
+    center = (spread[130] + spread[131]) / 2  # far from the spread thresholds
+    run = center + 1e-5 * np.arange(crowd + 1)  # crowd thresholds inside one bucket
+    table = np.concatenate([spread, run]).astype(np.float32)
+    assert _fullest_bucket(table) == crowd
+    if shuffle:
+        table = rng.permutation(table)
+    x = np.concatenate(
+        [rng.uniform(-1.2, 1.2, 5000), center + rng.uniform(-2e-5, 8e-5, 2000), table]
+    ).astype(np.float32)
+    got = _check(x, table[None])
+    np.testing.assert_array_equal(got, nearest_reference(x, table[None]))
