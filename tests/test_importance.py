@@ -55,7 +55,8 @@ def _groups(a, spec):
 # ------------------------------------------------------------------------ weighted init
 
 
-@pytest.mark.parametrize(
+# Tiny kernels with one table per tensor / per channel / per group of 2 channels.
+_GRANULARITIES = pytest.mark.parametrize(
     "shape, spec",
     [
         ((2, 4), cj.ClusterSpec(num_clusters=3, init="kmeans")),
@@ -64,6 +65,9 @@ def _groups(a, spec):
     ],
     ids=["tensor", "channel", "group"],
 )
+
+
+@_GRANULARITIES
 def test_weighted_kmeans_reaches_the_brute_force_optimum(shape, spec):
     rng = np.random.default_rng(0)
     for trial in range(4):
@@ -127,15 +131,7 @@ def test_zero_and_none_importance():
         cj.init(params, spec, key=key, importance={"a": jnp.ones((2, 4)), "b": None})
 
 
-@pytest.mark.parametrize(
-    "shape, spec",
-    [
-        ((2, 4), cj.ClusterSpec(num_clusters=3, init="kmeans")),
-        ((8, 3), cj.ClusterSpec(num_clusters=3, init="kmeans", granularity="channel")),
-        ((4, 4), cj.ClusterSpec(num_clusters=3, init="kmeans", granularity="group", group_size=2)),
-    ],
-    ids=["tensor", "channel", "group"],
-)
+@_GRANULARITIES
 def test_importance_damping_adds_each_tables_mean(shape, spec):
     """Damping = the weighted optimum for F + lambda * mean(F over the weight's table)."""
     rng = np.random.default_rng(5)
