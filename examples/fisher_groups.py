@@ -16,7 +16,7 @@ kernel *without any fine-tuning*:
 
 Writes `results.md` and `fisher_groups.png` to the output folder, which it prints.
 
-    python examples/fisher_groups.py              # about 10 minutes on 2 CPU cores
+    python examples/fisher_groups.py              # about 5-6 minutes on 2 CPU cores
     python examples/fisher_groups.py --help
 """
 
