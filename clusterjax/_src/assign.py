@@ -230,22 +230,14 @@ def _bucketed(xs: jax.Array, thr: jax.Array, rep: jax.Array, dtype) -> jax.Array
     choices = sorted({2, steps_max})  # search steps for buckets holding > 2 thresholds
     sorted_table = jnp.all(rep == jnp.arange(m + 1, dtype=rep.dtype))
 
-    def single(lookup):
+    def direct(within, lookup):
         def run(xs):
-            # At most one threshold per bucket: two independent look-ups of b.
+            # At most len(within) thresholds per bucket: independent look-ups of b.
             b = bucket(xs)
-            q = _take(lo, b) + (_take(first, b) < xs).astype(jnp.int32)
+            q = _take(lo, b)
+            for table in within:
+                q = q + (_take(table, b) < xs).astype(jnp.int32)
             # Cast inside the branch: the switch's output is then the (small) index dtype.
-            return (_take(rep, q) if lookup else q).astype(dtype)
-
-        return run
-
-    def double(lookup):
-        def run(xs):
-            # At most two thresholds per bucket: three independent look-ups of b.
-            b = bucket(xs)
-            q = _take(lo, b) + (_take(first, b) < xs).astype(jnp.int32)
-            q = q + (_take(second, b) < xs).astype(jnp.int32)
             return (_take(rep, q) if lookup else q).astype(dtype)
 
         return run
@@ -264,11 +256,12 @@ def _bucketed(xs: jax.Array, thr: jax.Array, rep: jax.Array, dtype) -> jax.Array
 
         return run
 
-    # Branch order: per lookup (unsorted, sorted): single, double, then the searches.
+    # Branch order: per lookup (unsorted, sorted): one, two thresholds, the searches.
     branches = [
         fn
         for lookup in (True, False)
-        for fn in [single(lookup), double(lookup)] + [search(n, lookup) for n in choices]
+        for fn in [direct([first], lookup), direct([first, second], lookup)]
+        + [search(n, lookup) for n in choices]
     ]
     steps = jnp.where(fullest <= 2, fullest - 1, jnp.where(fullest <= 3, 2, 1 + len(choices)))
     which = steps + jnp.where(sorted_table, len(choices) + 2, 0)
