@@ -177,6 +177,11 @@ def _assign(x: jax.Array, tables: jax.Array, base, dtype) -> jax.Array:
         for j in range(k - 1):
             out = out + jnp.where(thr_j[j] < xs, step_j[j], 0)
         return out.astype(dtype)
+    # The look-ups below gather from the thresholds. Left to itself, XLA fuses the 32-step
+    # bisection into those gathers (e.g. of the bucket table) and recomputes it for every
+    # element gathered. A sort, the identity on these sorted rows, is never fused into
+    # its consumers: it materializes the thresholds once.
+    thr = lax.sort(thr)
     if g_count == 1 and k <= 4096:
         return _bucketed(xs, thr[0], rep[0], dtype)
     # Branchless binary search over thresholds padded with +inf to a power of two.
