@@ -57,6 +57,78 @@ def test_sgd_step_matches_hand_derived_update(aggregation):
     assert new_state.indices["w"].dtype == jnp.uint8
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_mean_exact_when_param_grads_are_not_the_lookup_gradient(granularity):
+    # The cluster sizes come from the count column of the scatter that also sums the
+    # weight gradient. A loss term on the raw params makes the weight gradient differ
+    # from the upstream gradient of the look-up: the sizes must still be exact.
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(10, 6)).astype(np.float32)
+    params = {"w": jnp.asarray(w)}
+    spec = cj.ClusterSpec(num_clusters=3, init="linear", granularity=granularity)
+    state = cj.init(params, spec, key=KEY)
+    upstream = rng.normal(size=w.shape).astype(np.float32)
+    lam = 0.7
+
+    def loss(pair):
+        return _loss(pair, upstream) + 0.5 * lam * jnp.sum(pair[0]["w"] ** 2)
+
+    tx = cj.optimizer(optax.sgd(1.0))
+    pair = (params, state)
+    grads = jax.grad(loss, allow_int=True)(pair)
+    np.testing.assert_allclose(grads[0]["w"], upstream + lam * w, rtol=1e-6)
+    (u_params, u_state), _ = jax.jit(tx.update)(grads, tx.init(pair), pair)
+
+    idx = np.asarray(state.indices["w"], np.int64)
+    cols = range(6) if granularity == "channel" else [slice(None)]
+    expected = np.array(
+        [
+            np.bincount(idx[:, c].ravel(), weights=upstream[:, c].ravel(), minlength=3)
+            / np.maximum(np.bincount(idx[:, c].ravel(), minlength=3), 1)
+            for c in cols
+        ]
+    )
+    np.testing.assert_allclose(
+        np.asarray(u_state.centroids["w"]).reshape(expected.shape),
+        -expected,
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(u_params["w"], -(upstream + lam * w), rtol=1e-6)
+
+
+def test_train_step_has_one_scatter_per_clustered_leaf():
+    # "mean" aggregation needs the cluster sizes, which cj.optimizer takes from the same
+    # (value, 1)-pair scatter that apply's backward pass runs for the centroid gradient:
+    # in a jitted train step XLA keeps one of the two, so each clustered leaf costs one
+    # scatter-add over its weights, not two.
+    params = {
+        "a": jax.random.normal(KEY, (64, 32)),
+        "b": jax.random.normal(jax.random.key(1), (32, 8)),
+        "bias": jnp.zeros(8),
+    }
+    rules = {
+        "a": cj.ClusterSpec(num_clusters=16),
+        "b": cj.ClusterSpec(num_clusters=4, granularity="channel"),
+    }
+    state = cj.init(params, rules, key=KEY)
+    tx = cj.optimizer(optax.adam(1e-3))
+    x = jax.random.normal(jax.random.key(2), (16, 64))
+
+    def step(params, state, opt_state):
+        def loss_fn(p, s):
+            q = cj.apply(p, s)
+            return jnp.mean((jnp.tanh(x @ q["a"]) @ q["b"] + q["bias"][None, :]) ** 2)
+
+        grads = jax.grad(loss_fn, argnums=(0, 1), allow_int=True)(params, state)
+        updates, opt_state = tx.update(grads, opt_state, (params, state))
+        return optax.apply_updates((params, state), updates), opt_state
+
+    hlo = jax.jit(step).lower(params, state, tx.init((params, state))).compile().as_text()
+    scatters = [line for line in hlo.splitlines() if " scatter(" in line]
+    assert len(scatters) == 2, "\n".join(scatters)
+
+
 def test_frozen_indices_never_change():
     params = {"w": jax.random.normal(KEY, (16, 16))}
     state = cj.init(params, cj.ClusterSpec(num_clusters=4, update_indices=False), key=KEY)

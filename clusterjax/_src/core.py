@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import warnings
 from collections.abc import Callable, Mapping
@@ -218,9 +219,65 @@ def _assign_leaf(leaf: _Leaf, w: jax.Array, centroids: jax.Array, mask: jax.Arra
     return jnp.where(mask, idx, jnp.zeros((), dtype))
 
 
-def _lookup(w: jax.Array, centroids: jax.Array, indices: jax.Array, base) -> jax.Array:
-    """`centroids[group][indices]` in the leaf's dtype (`w` only gives the dtype)."""
-    flat = centroids.reshape(-1)
+def _segments(indices: jax.Array, base) -> jax.Array:
+    """(N, 1) positions of every element's centroid in the flattened tables."""
+    if isinstance(base, int) and base == 0:
+        # One table: the small unsigned indices as they are (no int32 copy of the leaf).
+        return indices.reshape(-1, 1)
+    return (base + indices.astype(jnp.int32)).reshape(-1, 1)
+
+
+def _scatter_add_rows(updates: jax.Array, segments: jax.Array, size: int) -> jax.Array:
+    """`out[segments[n]] += updates[n]` into zeros of shape `(size,) + updates.shape[1:]`."""
+    window = tuple(range(1, updates.ndim))
+    dnums = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=window, inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
+    )
+    return jax.lax.scatter_add(
+        jnp.zeros((size,) + updates.shape[1:], updates.dtype),
+        segments,
+        updates,
+        dnums,
+        # Out-of-range positions (impossible here) would be dropped, never clamped.
+        mode=jax.lax.GatherScatterMode.FILL_OR_DROP,
+    )
+
+
+def cluster_sizes(indices: jax.Array, base, size: int) -> jax.Array:
+    """Internal: number of elements per centroid, (size,) float32 over the flat tables."""
+    segments = _segments(indices, base)
+    return _scatter_add_rows(jnp.ones((segments.shape[0],), jnp.float32), segments, size)
+
+
+def cluster_sums_and_sizes(values: jax.Array, indices: jax.Array, base, size: int):
+    """Internal: per-centroid sums of `values` and cluster sizes, from ONE scatter-add.
+
+    The scatter adds the pairs `(value, 1)`. `apply`'s backward pass computes a leaf's
+    centroid gradient with this very function when `sizes_from_gradients` holds, and the
+    optimizer calls it again on the weight gradient (the same array: the straight-through
+    gradient) for the cluster sizes. Inside one jitted train step XLA finds the two
+    identical scatters and keeps one, so the sizes cost no second pass over the weights.
+    Should the arrays differ (e.g. a loss term on the raw params), the sizes are still
+    exact: the count column does not depend on the values.
+    """
+    real = jnp.promote_types(values.dtype, jnp.float32)
+    v = values.reshape(-1).astype(real)
+    pairs = jnp.stack([v, jnp.ones_like(v)], axis=1)
+    out = _scatter_add_rows(pairs, _segments(indices, base), size)
+    return out[:, 0], out[:, 1]
+
+
+def sizes_from_gradients(leaf: _Leaf, mask) -> bool:
+    """Internal: whether a leaf's cluster sizes come out of its centroid-gradient scatter.
+
+    True for leaves whose sizes the optimizer counts every step: "mean" aggregation,
+    indices re-assigned (frozen ones are counted once and cached), no sparsity mask.
+    """
+    return mask is None and leaf.spec.update_indices and leaf.spec.gradient_aggregation == "mean"
+
+
+def _take(flat: jax.Array, indices: jax.Array, base) -> jax.Array:
+    """`flat[base + indices]`: the gather of the clustered forward pass."""
     if isinstance(base, int) and base == 0:
         # One table: gather with the small unsigned indices themselves, so neither this
         # gather nor its transpose (the scatter-add of the centroid gradient) needs an
@@ -230,18 +287,45 @@ def _lookup(w: jax.Array, centroids: jax.Array, indices: jax.Array, base) -> jax
         dnums = jax.lax.GatherDimensionNumbers(
             offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,)
         )
-        out = jax.lax.gather(
+        return jax.lax.gather(
             flat,
             indices[..., None],
             dnums,
             (1,),
             mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
         )
-        return out.astype(w.dtype)
-    return flat[base + indices.astype(jnp.int32)].astype(w.dtype)
+    return flat[base + indices.astype(jnp.int32)]
+
+
+@jax.custom_vjp
+def _take_pair_summed(flat: jax.Array, indices: jax.Array, base) -> jax.Array:
+    """`_take` whose transpose is `cluster_sums_and_sizes` (see there for why)."""
+    return _take(flat, indices, base)
+
+
+def _take_pair_summed_fwd(flat, indices, base):
+    return _take(flat, indices, base), (flat.shape[0], indices, base)
+
+
+def _take_pair_summed_bwd(residuals, g):
+    size, indices, base = residuals
+    sums, _ = cluster_sums_and_sizes(g, indices, base, size)
+    return sums.astype(g.dtype), None, None
+
+
+_take_pair_summed.defvjp(_take_pair_summed_fwd, _take_pair_summed_bwd)
+
+
+def _lookup(
+    w: jax.Array, centroids: jax.Array, indices: jax.Array, base, *, pair_summed: bool = False
+) -> jax.Array:
+    """`centroids[group][indices]` in the leaf's dtype (`w` only gives the dtype)."""
+    take = _take_pair_summed if pair_summed else _take
+    return take(centroids.reshape(-1), indices, base).astype(w.dtype)
 
 
 _clustered = straight_through(_lookup)
+_clustered_pair_summed = straight_through(functools.partial(_lookup, pair_summed=True))
 
 
 def _check_finite(path: str, w: Any) -> None:
@@ -485,7 +569,8 @@ def apply(params: PyTree, state: ClusterState) -> PyTree:
             return w
         w = jnp.asarray(w)
         if m is None:
-            return _clustered(w, c, i, leaf.base())
+            fn = _clustered_pair_summed if sizes_from_gradients(leaf, m) else _clustered
+            return fn(w, c, i, leaf.base())
         # Pruned weights get no gradient, and neither does the fixed zero centroid.
         x = jnp.where(m, w, jax.lax.stop_gradient(w))
         c = c.at[..., 0].set(jax.lax.stop_gradient(c[..., 0]))

@@ -73,24 +73,17 @@ def _centroid_grads(grads: Any, caller: str) -> tuple[PyTree, PyTree]:
 
 def _counts(leaf, indices: jax.Array) -> jax.Array:
     """Cluster sizes, shaped like the leaf's centroid table."""
-    k = leaf.spec.num_clusters
-    if leaf.axis is None:
-        # One table: scatter with the small unsigned indices as they are (no int32 copy
-        # of the leaf; out-of-range entries, impossible here, would be dropped).
-        segments = indices.reshape(-1, 1)
-    else:
-        segments = (leaf.base() + indices.astype(jnp.int32)).reshape(-1, 1)
-    dnums = jax.lax.ScatterDimensionNumbers(
-        update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
+    size = leaf.num_groups * leaf.spec.num_clusters
+    return core.cluster_sizes(indices, leaf.base(), size).reshape(leaf.table_shape)
+
+
+def _same_float_array(g, shape) -> bool:
+    """Whether `g` is a floating array of `shape` (a weight gradient to count with)."""
+    return (
+        g is not None
+        and tuple(jnp.shape(g)) == tuple(shape)
+        and jnp.issubdtype(jnp.result_type(g), jnp.floating)
     )
-    counts = jax.lax.scatter_add(
-        jnp.zeros((leaf.num_groups * k,), jnp.float32),
-        segments,
-        jnp.ones((segments.shape[0],), jnp.float32),
-        dnums,
-        mode=jax.lax.GatherScatterMode.FILL_OR_DROP,
-    )
-    return counts.reshape(leaf.table_shape)
 
 
 def _cached(leaf) -> bool:
@@ -121,9 +114,10 @@ def _init_counts(params, state):
     return jax.tree.unflatten(treedef, counts), jax.tree.unflatten(treedef, counted)
 
 
-def _scale_centroid_grads(params, state, g_centroids, cache):
+def _scale_centroid_grads(params, state, g_params, g_centroids, cache):
     """Centroid grads divided by the cluster sizes ("mean"); the refreshed count cache."""
     leaves = list(core._leaves(params, state, "cj.optimizer"))
+    flat_gw = core.flatten_like(params, g_params, "param grads")
     flat_g = core.flatten_like(params, g_centroids, "centroid grads")
     if cache is None:
         flat_counts = flat_counted = [None] * len(leaves)
@@ -131,8 +125,8 @@ def _scale_centroid_grads(params, state, g_centroids, cache):
         flat_counts = core.flatten_like(params, cache[0], "cached counts")
         flat_counted = core.flatten_like(params, cache[1], "cached indices")
     out, new_counts, new_counted = [], [], []
-    for (_, leaf, _w, _c, i, _m), g, cached, counted in zip(
-        leaves, flat_g, flat_counts, flat_counted
+    for (_, leaf, _w, _c, i, m), gw, g, cached, counted in zip(
+        leaves, flat_gw, flat_g, flat_counts, flat_counted
     ):
         if cached is not None:
             # Recount only if the indices changed since they were counted.
@@ -145,7 +139,16 @@ def _scale_centroid_grads(params, state, g_centroids, cache):
         if leaf is None or g is None or leaf.spec.gradient_aggregation != "mean":
             out.append(g)
             continue
-        counts = _counts(leaf, i) if cached is None else cached
+        if cached is not None:
+            counts = cached
+        elif core.sizes_from_gradients(leaf, m) and _same_float_array(gw, leaf.shape):
+            # The scatter apply's backward pass ran for this leaf's centroid gradient:
+            # XLA merges the two, and the sizes come for free (core.cluster_sums_and_sizes).
+            size = leaf.num_groups * leaf.spec.num_clusters
+            _, counts = core.cluster_sums_and_sizes(gw, i, leaf.base(), size)
+            counts = counts.reshape(leaf.table_shape)
+        else:
+            counts = _counts(leaf, i)
         out.append(jnp.where(counts > 0, g / jnp.maximum(counts, 1.0).astype(g.dtype), 0))
     treedef = jax.tree.structure(params, is_leaf=lambda x: x is None)
     new_cache = None
@@ -238,7 +241,7 @@ def optimizer(inner: optax.GradientTransformation) -> optax.GradientTransformati
         cache = None
         if opt_state.counts is not None or opt_state.counted is not None:
             cache = (opt_state.counts, opt_state.counted)
-        g_centroids, cache = _scale_centroid_grads(params, state, g_centroids, cache)
+        g_centroids, cache = _scale_centroid_grads(params, state, g_params, g_centroids, cache)
         (u_params, u_centroids), inner_state = inner.update(
             (g_params, g_centroids),
             opt_state.inner_state,
