@@ -97,6 +97,36 @@ def test_mean_exact_when_param_grads_are_not_the_lookup_gradient(granularity):
     np.testing.assert_allclose(u_params["w"], -(upstream + lam * w), rtol=1e-6)
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_chunked_pair_scatter_matches_bincount(monkeypatch, granularity):
+    # Large leaves scatter their (gradient, 1) pairs in chunks, one after another (so
+    # the chunks share one buffer). Chunks of 7 over 60 weights: 9 chunks, the last one
+    # short; sums, sizes and the mean step must be those of one scatter.
+    from clusterjax._src import core
+
+    monkeypatch.setattr(core, "_PAIR_CHUNK", 7)
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(10, 6)).astype(np.float32)
+    params = {"w": jnp.asarray(w)}
+    spec = cj.ClusterSpec(num_clusters=3, init="linear", granularity=granularity)
+    state = cj.init(params, spec, key=KEY)
+    upstream = rng.normal(size=w.shape).astype(np.float32)
+    pair = (params, state)
+    grads = jax.grad(_loss, allow_int=True)(pair, upstream)
+    tx = cj.optimizer(optax.sgd(1.0))
+    (u_params, u_state), _ = jax.jit(tx.update)(grads, tx.init(pair), pair)
+
+    idx = np.asarray(state.indices["w"], np.int64)
+    cols = range(6) if granularity == "channel" else [slice(None)]
+    sums = np.array([np.bincount(idx[:, c].ravel(), upstream[:, c].ravel(), 3) for c in cols])
+    sizes = np.array([np.bincount(idx[:, c].ravel(), minlength=3) for c in cols])
+    got_sums = np.asarray(grads[1].centroids["w"]).reshape(sums.shape)
+    np.testing.assert_allclose(got_sums, sums, rtol=1e-5, atol=1e-5)
+    got_mean = -np.asarray(u_state.centroids["w"]).reshape(sums.shape)
+    np.testing.assert_allclose(got_mean, sums / np.maximum(sizes, 1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(u_params["w"], -upstream)
+
+
 def test_train_step_has_one_scatter_per_clustered_leaf():
     # "mean" aggregation needs the cluster sizes, which cj.optimizer takes from the same
     # (value, 1)-pair scatter that apply's backward pass runs for the centroid gradient:

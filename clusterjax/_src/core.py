@@ -227,14 +227,16 @@ def _segments(indices: jax.Array, base) -> jax.Array:
     return (base + indices.astype(jnp.int32)).reshape(-1, 1)
 
 
-def _scatter_add_rows(updates: jax.Array, segments: jax.Array, size: int) -> jax.Array:
-    """`out[segments[n]] += updates[n]` into zeros of shape `(size,) + updates.shape[1:]`."""
+def _scatter_add_rows(updates: jax.Array, segments: jax.Array, size: int, into=None):
+    """`out[segments[n]] += updates[n]`, out = `into` or zeros `(size,) + updates.shape[1:]`."""
     window = tuple(range(1, updates.ndim))
     dnums = jax.lax.ScatterDimensionNumbers(
         update_window_dims=window, inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
     )
+    if into is None:
+        into = jnp.zeros((size,) + updates.shape[1:], updates.dtype)
     return jax.lax.scatter_add(
-        jnp.zeros((size,) + updates.shape[1:], updates.dtype),
+        into,
         segments,
         updates,
         dnums,
@@ -262,9 +264,33 @@ def cluster_sums_and_sizes(values: jax.Array, indices: jax.Array, base, size: in
     """
     real = jnp.promote_types(values.dtype, jnp.float32)
     v = values.reshape(-1).astype(real)
-    pairs = jnp.stack([v, jnp.ones_like(v)], axis=1)
-    out = _scatter_add_rows(pairs, _segments(indices, base), size)
+    seg = _segments(indices, base)
+    out = None
+    for start in range(0, seg.shape[0], _PAIR_CHUNK):
+        part = v[start : start + _PAIR_CHUNK]
+        part_seg = seg[start : start + _PAIR_CHUNK]
+        if out is not None:
+            part, part_seg = after((part, part_seg), out)
+        pairs = jnp.stack([part, jnp.ones_like(part)], axis=1)
+        out = _scatter_add_rows(pairs, part_seg, size, out)
     return out[:, 0], out[:, 1]
+
+
+_PAIR_CHUNK = 1 << 20
+
+
+def after(tree, counts: jax.Array):
+    """Internal: `tree` unchanged, but computed only once `counts` exists.
+
+    Adds `counts[0] != counts[0]` (always False: a cluster size is never NaN) to every
+    leaf. XLA cannot fold it away, so consumers of the result are scheduled after the
+    scatter that made `counts`: the chunks of a large scatter then reuse one buffer, and
+    the weight gradient's last use comes after its scatter, so the optimizer can update
+    in place into it.
+    """
+    first = counts.reshape(-1)[0]
+    never = first != first
+    return jax.tree.map(lambda x: x + never.astype(x.dtype), tree)
 
 
 def sizes_from_gradients(leaf: _Leaf, mask) -> bool:

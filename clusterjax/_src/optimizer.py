@@ -124,10 +124,11 @@ def _scale_centroid_grads(params, state, g_params, g_centroids, cache):
     else:
         flat_counts = core.flatten_like(params, cache[0], "cached counts")
         flat_counted = core.flatten_like(params, cache[1], "cached indices")
-    out, new_counts, new_counted = [], [], []
+    out, new_counts, new_counted, gw_out = [], [], [], []
     for (_, leaf, _w, _c, i, m), gw, g, cached, counted in zip(
         leaves, flat_gw, flat_g, flat_counts, flat_counted
     ):
+        gw_out.append(gw)
         if cached is not None:
             # Recount only if the indices changed since they were counted.
             i = jnp.asarray(i)
@@ -147,6 +148,7 @@ def _scale_centroid_grads(params, state, g_params, g_centroids, cache):
             size = leaf.num_groups * leaf.spec.num_clusters
             _, counts = core.cluster_sums_and_sizes(gw, i, leaf.base(), size)
             counts = counts.reshape(leaf.table_shape)
+            gw_out[-1] = core.after(gw, counts)
         else:
             counts = _counts(leaf, i)
         out.append(jnp.where(counts > 0, g / jnp.maximum(counts, 1.0).astype(g.dtype), 0))
@@ -157,7 +159,7 @@ def _scale_centroid_grads(params, state, g_params, g_centroids, cache):
             jax.tree.unflatten(treedef, new_counts),
             jax.tree.unflatten(treedef, new_counted),
         )
-    return jax.tree.unflatten(treedef, out), new_cache
+    return jax.tree.unflatten(treedef, gw_out), jax.tree.unflatten(treedef, out), new_cache
 
 
 def _mask_updates(params, state, u_params, u_centroids):
@@ -241,7 +243,9 @@ def optimizer(inner: optax.GradientTransformation) -> optax.GradientTransformati
         cache = None
         if opt_state.counts is not None or opt_state.counted is not None:
             cache = (opt_state.counts, opt_state.counted)
-        g_centroids, cache = _scale_centroid_grads(params, state, g_params, g_centroids, cache)
+        g_params, g_centroids, cache = _scale_centroid_grads(
+            params, state, g_params, g_centroids, cache
+        )
         (u_params, u_centroids), inner_state = inner.update(
             (g_params, g_centroids),
             opt_state.inner_state,
