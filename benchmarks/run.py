@@ -187,27 +187,33 @@ def bench_train(quick):
 
 
 _MEMORY_CHILD = r"""
-import resource, sys, jax, jax.numpy as jnp, optax, json
+import ctypes, gc, json, resource, sys
+import jax, jax.numpy as jnp, optax
 import clusterjax as cj
 mode, n, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+def rss():  # (current RSS, peak RSS since the last reset), bytes
+    f = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status")
+         if l.startswith(("VmRSS", "VmHWM"))}
+    return f["VmRSS"], f["VmHWM"]
+
 key = jax.random.key(0)
 params = {"w": jax.random.normal(key, (n, n)) * 0.02}
 x = jax.random.normal(key, (64, n))
 def loss_of(w):
     return jnp.mean((x @ w) ** 2)
 if mode == "plain":
-    tx = optax.adam(1e-3); st = tx.init(params)
+    tx = optax.adam(1e-3)
+    carry = (params, tx.init(params))
     @jax.jit
     def step(p, st):
         g = jax.grad(lambda p: loss_of(p["w"]))(p)
         u, st = tx.update(g, st, p)
         return optax.apply_updates(p, u), st
-    for _ in range(3):
-        params, st = step(params, st)
-    jax.block_until_ready(params)
 else:
     cs = cj.init(params, cj.ClusterSpec(num_clusters=k, init="linear"), key=key)
-    tx = cj.optimizer(optax.adam(1e-3)); st = tx.init((params, cs))
+    tx = cj.optimizer(optax.adam(1e-3))
+    carry = (params, cs, tx.init((params, cs)))
     @jax.jit
     def step(p, cs, st):
         f = lambda p, s: loss_of(cj.apply(p, s)["w"])
@@ -215,28 +221,58 @@ else:
         u, st = tx.update(g, st, (p, cs))
         p, cs = optax.apply_updates((p, cs), u)
         return p, cs, st
-    for _ in range(3):
-        params, cs, st = step(params, cs, st)
-    jax.block_until_ready(params)
-print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+carry = jax.block_until_ready(step(*carry))  # compile and warm up
+del params
+gc.collect()
+try:  # hand what init and compilation freed back to the OS: RSS = live memory
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+except OSError:
+    pass
+state = sum(a.nbytes for a in jax.tree.leaves(carry))
+open("/proc/self/clear_refs", "w").write("5")  # peak RSS := current RSS
+before, _ = rss()
+for _ in range(3):
+    carry = jax.block_until_ready(step(*carry))
+_, peak = rss()
+print(json.dumps({"state": state, "before": before, "peak": peak,
+                  "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 
 def bench_memory(quick):
     n = 2048 if quick else 4096
-    rows = []
     res = {}
     for mode in ("plain", "clustered"):
         out = subprocess.run(
             [sys.executable, "-c", _MEMORY_CHILD, mode, str(n), "256"],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
-        res[mode] = json.loads(out.stdout.strip().splitlines()[-1])["maxrss_kb"] * 1024
-    extra = res["clustered"] - res["plain"]
-    rows.append([f"{n}x{n}", 256, f"{res['plain'] / 2**20:.0f}", f"{res['clustered'] / 2**20:.0f}",
-                 f"{extra / (n * n):.2f}"])  # fmt: skip
-    header = ["layer", "K", "plain peak MiB", "clustered peak MiB", "extra bytes / weight"]
-    return "## Peak memory of a train step (max RSS, one subprocess each)\n\n" + table(header, rows)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r["growth"] = r["peak"] - r["before"]
+        res[mode] = r
+    p, c = res["plain"], res["clustered"]
+    mib = lambda v: f"{v / 2**20:.0f}"  # noqa: E731
+    rows = [
+        [f"{n}x{n}", 256, name, mib(r["state"]), mib(r["growth"]), mib(r["peak"]),
+         mib(r["maxrss"])]
+        for name, r in (("plain", p), ("clustered", c))
+    ]  # fmt: skip
+    header = ["layer", "K", "step", "state MiB", "step growth MiB", "step peak RSS MiB",
+              "process max RSS MiB"]  # fmt: skip
+    scaling = ((c["state"] + c["growth"]) - (p["state"] + p["growth"])) / (n * n)
+    absolute = (c["peak"] - p["peak"]) / (n * n)
+    note = (
+        f"\n\nExtra bytes per clustered weight: **{scaling:+.2f}** from the arrays the step "
+        f"carries and its growth, (clustered state + growth) - (plain state + growth); "
+        f"{absolute:+.2f} from the step peaks, which also hold what does not grow with the "
+        "layer: compiled code, ~30 MB of it `cj.init`'s executables (`jax.clear_caches()` "
+        "frees them). 'state' = bytes of the arrays a step carries (params, optimizer "
+        "state, cluster state). Before the steps the child returns freed heap to the OS "
+        "(`malloc_trim`) and resets the peak RSS (`/proc/self/clear_refs`); 'step growth' = "
+        "peak RSS over three steps minus the RSS before them (the step's outputs and "
+        "temporaries). 'process max RSS' also counts init and compilation."
+    )
+    return "## Peak memory of a train step (one subprocess each)\n\n" + table(header, rows) + note
 
 
 def _dp_optimum(w, s1, s2, k):
