@@ -57,17 +57,31 @@ def test_sgd_step_matches_hand_derived_update(aggregation):
     assert new_state.indices["w"].dtype == jnp.uint8
 
 
+def _small_leaf(seed, granularity):
+    """A (10, 6) leaf clustered at K = 3 and an upstream gradient for it."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(10, 6)).astype(np.float32)
+    params = {"w": jnp.asarray(w)}
+    spec = cj.ClusterSpec(num_clusters=3, init="linear", granularity=granularity)
+    state = cj.init(params, spec, key=KEY)
+    return w, params, state, rng.normal(size=w.shape).astype(np.float32)
+
+
+def _sums_and_sizes(state, upstream, granularity):
+    """Per-table bincounts of the upstream gradient and of the indices, (tables, 3)."""
+    idx = np.asarray(state.indices["w"], np.int64)
+    cols = range(idx.shape[1]) if granularity == "channel" else [slice(None)]
+    sums = np.array([np.bincount(idx[:, c].ravel(), upstream[:, c].ravel(), 3) for c in cols])
+    sizes = np.array([np.bincount(idx[:, c].ravel(), minlength=3) for c in cols])
+    return sums, sizes
+
+
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 def test_mean_exact_when_param_grads_are_not_the_lookup_gradient(granularity):
     # The cluster sizes come from the count column of the scatter that also sums the
     # weight gradient. A loss term on the raw params makes the weight gradient differ
     # from the upstream gradient of the look-up: the sizes must still be exact.
-    rng = np.random.default_rng(4)
-    w = rng.normal(size=(10, 6)).astype(np.float32)
-    params = {"w": jnp.asarray(w)}
-    spec = cj.ClusterSpec(num_clusters=3, init="linear", granularity=granularity)
-    state = cj.init(params, spec, key=KEY)
-    upstream = rng.normal(size=w.shape).astype(np.float32)
+    w, params, state, upstream = _small_leaf(4, granularity)
     lam = 0.7
 
     def loss(pair):
@@ -79,21 +93,9 @@ def test_mean_exact_when_param_grads_are_not_the_lookup_gradient(granularity):
     np.testing.assert_allclose(grads[0]["w"], upstream + lam * w, rtol=1e-6)
     (u_params, u_state), _ = jax.jit(tx.update)(grads, tx.init(pair), pair)
 
-    idx = np.asarray(state.indices["w"], np.int64)
-    cols = range(6) if granularity == "channel" else [slice(None)]
-    expected = np.array(
-        [
-            np.bincount(idx[:, c].ravel(), weights=upstream[:, c].ravel(), minlength=3)
-            / np.maximum(np.bincount(idx[:, c].ravel(), minlength=3), 1)
-            for c in cols
-        ]
-    )
-    np.testing.assert_allclose(
-        np.asarray(u_state.centroids["w"]).reshape(expected.shape),
-        -expected,
-        rtol=1e-5,
-        atol=1e-6,
-    )
+    sums, sizes = _sums_and_sizes(state, upstream, granularity)
+    got_mean = -np.asarray(u_state.centroids["w"]).reshape(sums.shape)
+    np.testing.assert_allclose(got_mean, sums / np.maximum(sizes, 1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(u_params["w"], -(upstream + lam * w), rtol=1e-6)
 
 
@@ -105,21 +107,13 @@ def test_chunked_pair_scatter_matches_bincount(monkeypatch, granularity):
     from clusterjax._src import core
 
     monkeypatch.setattr(core, "_PAIR_CHUNK", 7)
-    rng = np.random.default_rng(5)
-    w = rng.normal(size=(10, 6)).astype(np.float32)
-    params = {"w": jnp.asarray(w)}
-    spec = cj.ClusterSpec(num_clusters=3, init="linear", granularity=granularity)
-    state = cj.init(params, spec, key=KEY)
-    upstream = rng.normal(size=w.shape).astype(np.float32)
+    _, params, state, upstream = _small_leaf(5, granularity)
     pair = (params, state)
     grads = jax.grad(_loss, allow_int=True)(pair, upstream)
     tx = cj.optimizer(optax.sgd(1.0))
     (u_params, u_state), _ = jax.jit(tx.update)(grads, tx.init(pair), pair)
 
-    idx = np.asarray(state.indices["w"], np.int64)
-    cols = range(6) if granularity == "channel" else [slice(None)]
-    sums = np.array([np.bincount(idx[:, c].ravel(), upstream[:, c].ravel(), 3) for c in cols])
-    sizes = np.array([np.bincount(idx[:, c].ravel(), minlength=3) for c in cols])
+    sums, sizes = _sums_and_sizes(state, upstream, granularity)
     got_sums = np.asarray(grads[1].centroids["w"]).reshape(sums.shape)
     np.testing.assert_allclose(got_sums, sums, rtol=1e-5, atol=1e-5)
     got_mean = -np.asarray(u_state.centroids["w"]).reshape(sums.shape)
