@@ -330,13 +330,13 @@ def _take_pair_summed(flat: jax.Array, indices: jax.Array, base) -> jax.Array:
 
 
 def _take_pair_summed_fwd(flat, indices, base):
-    return _take(flat, indices, base), (flat.shape[0], indices, base)
+    return _take(flat, indices, base), (flat, indices, base)
 
 
 def _take_pair_summed_bwd(residuals, g):
-    size, indices, base = residuals
-    sums, _ = cluster_sums_and_sizes(g, indices, base, size)
-    return sums.astype(g.dtype), None, None
+    flat, indices, base = residuals
+    sums, _ = cluster_sums_and_sizes(g, indices, base, flat.shape[0])
+    return sums.astype(flat.dtype), None, None
 
 
 _take_pair_summed.defvjp(_take_pair_summed_fwd, _take_pair_summed_bwd)

@@ -79,10 +79,11 @@ def _counts(leaf, indices: jax.Array) -> jax.Array:
 
 def _same_float_array(g, shape) -> bool:
     """Whether `g` is a floating array of `shape` (a weight gradient to count with)."""
+    dtype = getattr(g, "dtype", None)
     return (
-        g is not None
+        dtype is not None
+        and jnp.issubdtype(dtype, jnp.floating)
         and tuple(jnp.shape(g)) == tuple(shape)
-        and jnp.issubdtype(jnp.result_type(g), jnp.floating)
     )
 
 
@@ -115,7 +116,12 @@ def _init_counts(params, state):
 
 
 def _scale_centroid_grads(params, state, g_params, g_centroids, cache):
-    """Centroid grads divided by the cluster sizes ("mean"); the refreshed count cache."""
+    """(param grads, centroid grads, count cache) for the inner transform.
+
+    Centroid grads are divided by the cluster sizes where the aggregation is "mean".
+    Param grads are the same values; those whose sizes came from their own scatter are
+    handed on after it (`core.after`). The count cache is refreshed for frozen leaves.
+    """
     leaves = list(core._leaves(params, state, "cj.optimizer"))
     flat_gw = core.flatten_like(params, g_params, "param grads")
     flat_g = core.flatten_like(params, g_centroids, "centroid grads")
