@@ -3,12 +3,14 @@
 Pure functions over pytrees: `init` builds a `ClusterState` (centroids, indices, masks)
 for selected leaves of a params pytree, `apply` maps params to clustered params with a
 straight-through gradient, `optimizer` wraps an optax transform for clustered training,
-and `strip` returns plain dense params. See README.md for the train step.
+`update_indices` re-assigns weights to their nearest centroids, and `strip` returns plain
+dense params. See README.md for the train step. Other straight-through quantizers (XNOR
+binarization, uniform fake quantization) live in `clusterjax.quantizers`.
 """
 
+from clusterjax import quantizers as quantizers
 from clusterjax._src.adapters import nnx_merge as nnx_merge
 from clusterjax._src.adapters import wrap_apply as wrap_apply
-from clusterjax._src.core import ClusterState as ClusterState
 from clusterjax._src.core import apply as apply
 from clusterjax._src.core import init as init
 from clusterjax._src.core import strip as strip
@@ -22,11 +24,8 @@ from clusterjax._src.optimizer import optimizer as optimizer
 from clusterjax._src.packing import PackedArray as PackedArray
 from clusterjax._src.packing import pack as pack
 from clusterjax._src.packing import unpack as unpack
-from clusterjax._src.quantizers import binarize as binarize
-from clusterjax._src.quantizers import inject_gradient as inject_gradient
-from clusterjax._src.quantizers import quantize_uniform as quantize_uniform
-from clusterjax._src.quantizers import round_ste as round_ste
 from clusterjax._src.spec import ClusterSpec as ClusterSpec
+from clusterjax._src.state import ClusterState as ClusterState
 from clusterjax._src.straight_through import straight_through as straight_through
 from clusterjax._src.summary import Summary as Summary
 from clusterjax._src.summary import summary as summary
@@ -42,17 +41,14 @@ __all__ = [
     "PackedArray",
     "Summary",
     "apply",
-    "binarize",
     "fisher_importance",
     "init",
-    "inject_gradient",
     "load",
     "nnx_merge",
     "optimizer",
     "pack",
+    "quantizers",
     "path_str",
-    "quantize_uniform",
-    "round_ste",
     "save",
     "straight_through",
     "strip",

@@ -121,7 +121,7 @@ def test_safetensors_bf16_rules_and_seed(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "clusterjax: warning: rule(s) 'nothing/.*' matched no leaf (rules are matched with "
         "re.fullmatch against paths such as 'Dense_0/bias', 'Dense_0/kernel', "
-        "'Dense_1/kernel')"
+        "'Dense_1/kernel')."
     )
     packed = cj.load(out, packed=True)
     kernel = packed["Dense_0"]["kernel"]

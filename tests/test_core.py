@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import nearest_reference
 
 import clusterjax as cj
-from clusterjax._src.assign import nearest_reference
 
 KEY = jax.random.key(0)
 
@@ -126,11 +126,30 @@ def test_bad_selection_raises_naming_the_leaf(rules, fragment):
     assert fragment in str(err.value)
 
 
-def test_default_selection_skips_too_small_leaves_with_warning():
-    params = {"small": jnp.ones((2, 2)), "big": jnp.arange(64.0).reshape(8, 8)}
-    with pytest.warns(UserWarning, match="'small'.*left unclustered"):
-        state = cj.init(params, cj.ClusterSpec(num_clusters=8), key=KEY)
-    assert state.centroids["small"] is None and state.centroids["big"].shape == (8,)
+def test_default_selection_keeps_leaves_dense_where_clustering_does_not_pay():
+    params = {
+        "token_type": jax.random.normal(KEY, (2, 384)),  # 768 weights < 4 x 256
+        "tiny": jnp.ones((2, 2)),  # fewer weights than K
+        "bf16": jax.random.normal(KEY, (16, 48), jnp.bfloat16),  # 8-bit indices + table
+        "big": jax.random.normal(KEY, (64, 384)),
+    }
+    spec = cj.ClusterSpec(num_clusters=256)
+    with pytest.warns(UserWarning, match="left 3 default-selected") as record:
+        state = cj.init(params, spec, key=KEY)
+    assert len(record) == 1  # said once, for all of them
+    message = str(record[0].message)
+    assert "'token_type' (shape (2, 384): 768 weights < 4 x K = 1024)" in message
+    assert "'tiny' (shape (2, 2): 4 weights < K = 256)" in message
+    # bf16: 768 B of 8-bit indices + 1,024 B float32 table >= 1,536 B of bf16 weights.
+    assert "'bf16' (shape (16, 48): 1,792 packed bytes >= 1,536 dense bytes)" in message
+    assert [lp.path for lp in state.plan.clustered] == ["big"]
+    assert [p for p, _ in state.plan.kept_dense] == ["bf16", "tiny", "token_type"]
+    # An explicit rule still wins (and is an error where K exceeds the leaf).
+    rules = {"token_type|bf16": spec, ".*": None}
+    state = cj.init(params, rules, key=KEY)
+    assert state.centroids["token_type"].shape == (256,) and state.centroids["bf16"] is not None
+    with pytest.raises(ValueError, match="'tiny' .* has 4 elements, fewer than num_clusters"):
+        cj.init(params, {"tiny": spec}, key=KEY)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -155,8 +174,11 @@ def test_mismatched_state_raises_naming_the_path():
         cj.strip(smaller, state)
     reshaped = jax.tree.map(lambda x: x, params)
     reshaped["dense"]["kernel"] = jnp.ones((16, 32))
-    with pytest.raises(ValueError, match=r"state.indices at 'dense/kernel' has shape \(32, 16\)"):
+    with pytest.raises(ValueError, match=r"param 'dense/kernel' has shape \(16, 32\), but"):
         cj.update_indices(reshaped, state)
+    bad_indices = state._replace(indices={**state.indices, "dense": {"kernel": jnp.zeros((2, 2))}})
+    with pytest.raises(ValueError, match=r"state.indices at 'dense/kernel' has shape \(2, 2\)"):
+        cj.strip(params, bad_indices)
     with pytest.raises(ValueError, match="expected a ClusterState"):
         cj.apply(params, state.centroids)
 
@@ -270,7 +292,7 @@ def test_moving_past_a_midpoint_changes_cluster_only_when_not_frozen():
     w = jnp.array([[-1.0, -0.9, 0.0, 0.1], [0.9, 1.0, 1.1, -1.1]])
     for frozen in (False, True):
         spec = cj.ClusterSpec(num_clusters=3, init="linear", update_indices=not frozen)
-        state = cj.init({"w": w}, spec, key=KEY)
+        state = cj.init({"w": w}, {"w": spec}, key=KEY)
         np.testing.assert_allclose(state.centroids["w"], [-1.1, 0.0, 1.1], atol=1e-6)
         before = np.asarray(state.indices["w"])
         # 0.1 -> 0.6 crosses the midpoint 0.55 between centroids 0.0 and 1.1.

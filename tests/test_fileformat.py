@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import hand_state
 from test_packing import bits_equal, cases, make_case, make_leaf, reference_tree
 
 import clusterjax as cj
@@ -122,11 +123,12 @@ def test_int_keys_lists_and_bare_arrays(workdir):
     rng = np.random.default_rng(2)
     params, state = make_case(rng, {"w": dict(shape=(4, 4), dtype="float32", k=2)})
     tree = {"layers": {0: params["w"], 1: [np.int8(3), np.ones(2, bool)]}}
-    st_tree = cj.ClusterState(
-        centroids={"layers": {0: state.centroids["w"], 1: [None, None]}},
-        indices={"layers": {0: state.indices["w"], 1: [None, None]}},
-        masks={"layers": {0: None, 1: [None, None]}},
-        specs={"layers": {0: state.specs["w"], 1: [None, None]}},
+    st_tree = hand_state(
+        tree,
+        {"layers": {0: state.centroids["w"], 1: [None, None]}},
+        {"layers": {0: state.indices["w"], 1: [None, None]}},
+        {"layers": {0: None, 1: [None, None]}},
+        {"layers": {0: state.specs["w"], 1: [None, None]}},
     )
     cj.save(workdir / "keys.cjx", tree, st_tree)
     out = cj.load(workdir / "keys.cjx")
@@ -146,13 +148,13 @@ def test_nnx_state_round_trip(workdir):
     model = nnx.Sequential(nnx.Linear(6, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 3, rngs=nnx.Rngs(1)))
     _, variables = nnx.split(model)
     rng = np.random.default_rng(3)
-    fields = {f: {} for f in cj.ClusterState._fields}
+    fields = ({}, {}, {}, {})
     for i, shape in enumerate([(6, 8), (8, 3)]):
         _, c, idx, _, spec = make_leaf(rng, shape, "float32", 4, granularity="channel")
         for f, v in zip(fields, (c, idx, None, spec)):
-            fields[f][i] = {"kernel": v, "bias": None}
+            f[i] = {"kernel": v, "bias": None}
     # A dict-shaped state fits the nnx State by path.
-    state = cj.ClusterState(**{f: {"layers": v} for f, v in fields.items()})
+    state = hand_state(variables, *({"layers": f} for f in fields))
     cj.save(workdir / "nnx.cjx", variables, state)
     loaded = cj.load(workdir / "nnx.cjx")
     assert sorted(loaded["layers"]) == [0, 1]  # int keys, as nnx.Sequential has them

@@ -77,7 +77,7 @@ def test_weighted_kmeans_reaches_the_brute_force_optimum(shape, spec):
             imp[...] = 0.0
             imp.flat[0] = 5.0  # one dominant weight; the others carry no importance
         params = {"w": jnp.asarray(w)}
-        state = cj.init(params, spec, key=jax.random.key(trial), importance={"w": imp})
+        state = cj.init(params, {".*": spec}, key=jax.random.key(trial), importance={"w": imp})
         got = _weighted_sse(params, state, imp)
         best = sum(
             _brute_force_weighted_sse(xg, wg, spec.num_clusters)
@@ -97,8 +97,8 @@ def test_importance_moves_centroids_towards_important_weights():
     imp = np.where(np.abs(w) < 0.5, 50.0, 0.1).astype(np.float32) * rng.random(w.shape)
     params = {"w": jnp.asarray(w)}
     spec = cj.ClusterSpec(num_clusters=4, init="kmeans", granularity="channel")
-    plain = cj.init(params, spec, key=jax.random.key(0))
-    weighted = cj.init(params, spec, key=jax.random.key(0), importance={"w": imp})
+    plain = cj.init(params, {".*": spec}, key=jax.random.key(0))
+    weighted = cj.init(params, {".*": spec}, key=jax.random.key(0), importance={"w": imp})
     assert _weighted_sse(params, weighted, imp) < 0.9 * _weighted_sse(params, plain, imp)
     assert _weighted_sse(params, plain, None) < _weighted_sse(params, weighted, None)
 
@@ -111,10 +111,10 @@ def test_zero_and_none_importance():
     }
     spec = cj.ClusterSpec(num_clusters=3, init="kmeans")
     key = jax.random.key(0)
-    plain = cj.init(params, spec, key=key)
+    plain = cj.init(params, {".*": spec}, key=key)
     # None leaves and all-zero importance both mean uniform importance: the same optimum
     # (8 values per table: the weighted kmeans is exact there).
-    mixed = cj.init(params, spec, key=key, importance={"a": None, "b": jnp.zeros((4, 2))})
+    mixed = cj.init(params, {".*": spec}, key=key, importance={"a": None, "b": jnp.zeros((4, 2))})
     for p in ("a", "b"):
         assert _weighted_sse(params, mixed, None, p) == pytest.approx(
             _weighted_sse(params, plain, None, p), rel=1e-5, abs=1e-7
@@ -122,13 +122,13 @@ def test_zero_and_none_importance():
     np.testing.assert_array_equal(mixed.centroids["a"], plain.centroids["a"])
     # Partly zero importance: finite, sorted tables, nearest-centroid indices.
     imp = {"a": jnp.asarray([[0.0, 1.0], [0.0, 0.0], [2.0, 0.0], [0.0, 0.0]]), "b": None}
-    state = cj.init(params, spec, key=key, importance=imp)
+    state = cj.init(params, {".*": spec}, key=key, importance=imp)
     assert np.isfinite(np.asarray(state.centroids["a"])).all()
     again = cj.update_indices(params, state)
     np.testing.assert_array_equal(again.indices["a"], state.indices["a"])
     # Wrong shape: a clear error naming the leaf.
     with pytest.raises(ValueError, match="'a'"):
-        cj.init(params, spec, key=key, importance={"a": jnp.ones((2, 4)), "b": None})
+        cj.init(params, {".*": spec}, key=key, importance={"a": jnp.ones((2, 4)), "b": None})
 
 
 @_GRANULARITIES
@@ -140,8 +140,9 @@ def test_importance_damping_adds_each_tables_mean(shape, spec):
         imp = (rng.pareto(1.5, size=shape) * rng.integers(0, 2, size=shape)).astype(np.float32)
         params = {"w": jnp.asarray(w)}
         state = cj.init(
-            params, spec, key=jax.random.key(0), importance={"w": imp}, importance_damping=lam
-        )
+            params, {".*": spec}, key=jax.random.key(0), importance={"w": imp},
+            importance_damping=lam,
+        )  # fmt: skip
         # Reference: the damped importance built by hand, table by table (float64).
         damped_groups = [g + lam * g.mean() for g in _groups(imp, spec)]
         got = sum(
@@ -158,10 +159,11 @@ def test_importance_damping_adds_each_tables_mean(shape, spec):
         )
         assert got <= best * (1 + 1e-5) + 1e-6, (lam, got, best)
     # Very strong damping is the plain (unweighted) objective.
-    plain = cj.init(params, spec, key=jax.random.key(0))
+    plain = cj.init(params, {".*": spec}, key=jax.random.key(0))
     strong = cj.init(
-        params, spec, key=jax.random.key(0), importance={"w": imp}, importance_damping=1e6
-    )
+        params, {".*": spec}, key=jax.random.key(0), importance={"w": imp},
+        importance_damping=1e6,
+    )  # fmt: skip
     assert _weighted_sse(params, strong, None) == pytest.approx(
         _weighted_sse(params, plain, None), rel=1e-4
     )
@@ -175,7 +177,7 @@ def test_bad_importance_values_and_damping():
         imp = np.ones((4, 2), np.float32)
         imp[2, 1] = value
         with pytest.raises(ValueError, match=r"'layer/w'.*index \(2, 1\)"):
-            cj.init(params, spec, key=key, importance={"layer": {"w": imp}})
+            cj.init(params, {".*": spec}, key=key, importance={"layer": {"w": imp}})
     for lam in (-1.0, np.nan, "1", True):
         with pytest.raises(ValueError, match="importance_damping"):
             cj.init(
@@ -186,7 +188,7 @@ def test_bad_importance_values_and_damping():
                 importance_damping=lam,
             )
     with pytest.raises(ValueError, match="needs an importance tree"):
-        cj.init(params, spec, key=key, importance_damping=1.0)
+        cj.init(params, {".*": spec}, key=key, importance_damping=1.0)
 
 
 # ------------------------------------------------------------------------ Fisher helper

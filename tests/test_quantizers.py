@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import clusterjax as cj
+from clusterjax import quantizers
 
 W = jnp.array([[0.5, -1.5, 2.0], [0.0, -0.25, 0.9]])
 UP = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # an upstream gradient with no symmetry
@@ -29,20 +30,20 @@ def _grad(fn, w, up=UP):
 
 def test_binarize_forward_per_tensor_matches_numpy():
     w = np.asarray(W)
-    np.testing.assert_allclose(cj.binarize(W), _sign(w) * np.abs(w).mean(), rtol=1e-6)
-    assert cj.binarize(W)[1, 0] > 0  # sign(0) -> +1
+    np.testing.assert_allclose(quantizers.binarize(W), _sign(w) * np.abs(w).mean(), rtol=1e-6)
+    assert quantizers.binarize(W)[1, 0] > 0  # sign(0) -> +1
 
 
 @pytest.mark.parametrize("axis", [0, 1, -1, (0, 1)])
 def test_binarize_forward_per_axis_matches_numpy(axis):
     w = np.asarray(W)
     scale = np.abs(w).mean(axis=axis, keepdims=True)
-    np.testing.assert_allclose(cj.binarize(W, axis=axis), _sign(w) * scale, rtol=1e-6)
+    np.testing.assert_allclose(quantizers.binarize(W, axis=axis), _sign(w) * scale, rtol=1e-6)
 
 
 def test_binarize_conv_kernel_per_output_channel():
     w = jax.random.normal(jax.random.key(0), (3, 3, 2, 4))
-    out = np.asarray(cj.binarize(w, axis=[0, 1, 2]))
+    out = np.asarray(quantizers.binarize(w, axis=[0, 1, 2]))
     # Each output channel holds exactly two values, +-mean(|w[..., c]|).
     for c in range(4):
         alpha = np.abs(np.asarray(w[..., c])).mean()
@@ -57,7 +58,7 @@ def test_binarize_conv_kernel_per_output_channel():
     )
 )
 def test_binarize_property_two_values_same_sign(w):
-    out = np.asarray(cj.binarize(w))
+    out = np.asarray(quantizers.binarize(w))
     alpha = np.float32(np.abs(w).mean())
     np.testing.assert_allclose(np.abs(out), alpha, rtol=1e-5, atol=1e-30)
     np.testing.assert_array_equal(out >= 0, w >= 0)
@@ -68,7 +69,7 @@ def test_binarize_property_two_values_same_sign(w):
 
 @pytest.mark.parametrize("axis", [None, 0])
 def test_binarize_gradient_is_identity(axis):
-    np.testing.assert_allclose(_grad(lambda w: cj.binarize(w, axis=axis), W), UP)
+    np.testing.assert_allclose(_grad(lambda w: quantizers.binarize(w, axis=axis), W), UP)
 
 
 def test_binarize_scale_is_a_constant_unlike_plain_autodiff():
@@ -87,7 +88,7 @@ def test_binarize_scale_is_a_constant_unlike_plain_autodiff():
     expected_auto = up * alpha + (up * _sign(w)).sum() * _sign(w) / w.size
     np.testing.assert_allclose(g_auto, expected_auto, rtol=1e-6)
     # The XNOR estimator is the identity: it differs from plain autodiff at every entry.
-    g_xnor = np.asarray(_grad(cj.binarize, W))
+    g_xnor = np.asarray(_grad(quantizers.binarize, W))
     np.testing.assert_allclose(g_xnor, up)
     assert np.all(np.abs(g_xnor - g_auto) > 1e-3)
 
@@ -95,16 +96,18 @@ def test_binarize_scale_is_a_constant_unlike_plain_autodiff():
 def test_clipped_gradient_is_indicator_of_unit_interval():
     w = jnp.array([-2.0, -1.0, -0.999, 0.0, 0.5, 1.0, 1.001, 3.0])
     up = jnp.arange(1.0, 9.0)
-    g = jax.jit(lambda w: _grad(lambda v: cj.binarize(v, clip=True), w, up))(w)
+    g = jax.jit(lambda w: _grad(lambda v: quantizers.binarize(v, clip=True), w, up))(w)
     np.testing.assert_allclose(g, np.asarray(up) * (np.abs(np.asarray(w)) <= 1))
     np.testing.assert_array_equal(
         np.asarray(g)[[1, 5]], np.asarray(up)[[1, 5]]
     )  # |w| = 1 still passes
-    np.testing.assert_allclose(cj.binarize(w, clip=True), cj.binarize(w))  # same forward
+    np.testing.assert_allclose(
+        quantizers.binarize(w, clip=True), quantizers.binarize(w)
+    )  # same forward
 
 
 def test_clipped_per_channel_gradient():
-    g = _grad(lambda w: cj.binarize(w, axis=0, clip=True), W)
+    g = _grad(lambda w: quantizers.binarize(w, axis=0, clip=True), W)
     np.testing.assert_allclose(g, np.asarray(UP) * (np.abs(np.asarray(W)) <= 1))
 
 
@@ -115,11 +118,11 @@ def test_clipped_per_channel_gradient():
 @pytest.mark.parametrize(
     "fn",
     [
-        cj.binarize,
-        lambda w: cj.binarize(w, axis=0, clip=True),
-        cj.round_ste,
-        lambda w: cj.quantize_uniform(w, 4),
-        lambda w: cj.quantize_uniform(w, 3, axis=-1),
+        quantizers.binarize,
+        lambda w: quantizers.binarize(w, axis=0, clip=True),
+        quantizers.round_ste,
+        lambda w: quantizers.quantize_uniform(w, 4),
+        lambda w: quantizers.quantize_uniform(w, 3, axis=-1),
     ],
     ids=["binarize", "binarize_clip_axis0", "round_ste", "uniform4", "uniform3_axis"],
 )
@@ -136,29 +139,29 @@ def test_bfloat16_binarize_values():
     w = W.astype(jnp.bfloat16)
     alpha = np.abs(np.asarray(w, np.float32)).mean()
     expected = (_sign(w) * alpha).astype(jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(cj.binarize(w)), expected)
+    np.testing.assert_array_equal(np.asarray(quantizers.binarize(w)), expected)
 
 
 def test_jitted_gradient_matches_and_does_not_retrace():
     @jax.jit
     @chex.assert_max_traces(n=1)
     def step(w, up):
-        loss = lambda w: jnp.sum(cj.binarize(w, axis=0, clip=True) * up)
+        loss = lambda w: jnp.sum(quantizers.binarize(w, axis=0, clip=True) * up)
         return jax.value_and_grad(loss)(w)
 
     for i in range(3):
         w = W * (i + 1) * 0.5
         loss, g = step(w, UP)
         np.testing.assert_allclose(g, np.asarray(UP) * (np.abs(np.asarray(w)) <= 1))
-        np.testing.assert_allclose(loss, jnp.sum(cj.binarize(w, axis=0) * UP), rtol=1e-6)
+        np.testing.assert_allclose(loss, jnp.sum(quantizers.binarize(w, axis=0) * UP), rtol=1e-6)
 
 
 # ---------------------------------------------------------------- round_ste, quantize_uniform
 
 
 def test_round_ste():
-    np.testing.assert_array_equal(cj.round_ste(W), np.round(np.asarray(W)))
-    np.testing.assert_allclose(_grad(cj.round_ste, W), UP)
+    np.testing.assert_array_equal(quantizers.round_ste(W), np.round(np.asarray(W)))
+    np.testing.assert_allclose(_grad(quantizers.round_ste, W), UP)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -167,9 +170,9 @@ def test_quantize_uniform_matches_numpy(bits):
     levels = 2 ** (bits - 1) - 1
     scale = np.abs(w).max() / levels
     expected = np.clip(np.round(w / scale), -levels, levels) * scale
-    np.testing.assert_allclose(cj.quantize_uniform(W, bits), expected, rtol=1e-6)
-    assert len(np.unique(np.asarray(cj.quantize_uniform(W, bits)))) <= 2 * levels + 1
-    np.testing.assert_allclose(_grad(lambda w: cj.quantize_uniform(w, bits), W), UP)
+    np.testing.assert_allclose(quantizers.quantize_uniform(W, bits), expected, rtol=1e-6)
+    assert len(np.unique(np.asarray(quantizers.quantize_uniform(W, bits)))) <= 2 * levels + 1
+    np.testing.assert_allclose(_grad(lambda w: quantizers.quantize_uniform(w, bits), W), UP)
 
 
 def test_quantize_uniform_per_axis_and_zero_slice():
@@ -177,16 +180,16 @@ def test_quantize_uniform_per_axis_and_zero_slice():
     w[:, 1] = 0.0  # an all-zero output channel: stays zero, no NaN
     scale = np.abs(w).max(axis=0, keepdims=True) / 7
     expected = np.round(w / np.where(scale > 0, scale, 1.0)) * scale
-    out = np.asarray(cj.quantize_uniform(w, 4, axis=0))
+    out = np.asarray(quantizers.quantize_uniform(w, 4, axis=0))
     np.testing.assert_allclose(out, expected, rtol=1e-6)
     np.testing.assert_array_equal(out[:, 1], 0.0)
-    np.testing.assert_array_equal(cj.quantize_uniform(jnp.zeros(5), 3), 0.0)
+    np.testing.assert_array_equal(quantizers.quantize_uniform(jnp.zeros(5), 3), 0.0)
 
 
 @pytest.mark.parametrize("bits", [1, 0, 2.0, True])
 def test_quantize_uniform_rejects_bad_bits(bits):
     with pytest.raises(ValueError, match="bits must be an int >= 2"):
-        cj.quantize_uniform(W, bits)
+        quantizers.quantize_uniform(W, bits)
 
 
 # ---------------------------------------------------------------- inject_gradient
@@ -194,11 +197,11 @@ def test_quantize_uniform_rejects_bad_bits(bits):
 
 def test_inject_gradient_replaces_the_cotangent():
     g = jnp.array([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])
-    np.testing.assert_array_equal(cj.inject_gradient(W, g), W)
+    np.testing.assert_array_equal(quantizers.inject_gradient(W, g), W)
     # Downstream is x ** 3, whose cotangent 3 x^2 is discarded in favour of g.
-    dx, dg = jax.jit(jax.grad(lambda x, g: jnp.sum(cj.inject_gradient(x, g) ** 3), argnums=(0, 1)))(
-        W, g
-    )
+    dx, dg = jax.jit(
+        jax.grad(lambda x, g: jnp.sum(quantizers.inject_gradient(x, g) ** 3), argnums=(0, 1))
+    )(W, g)
     np.testing.assert_allclose(dx, g)
     np.testing.assert_array_equal(dg, 0.0)
 
@@ -208,14 +211,14 @@ def test_inject_gradient_reaches_upstream_parameters():
     x = jnp.array([[1.0, 2.0], [3.0, -1.0]])
     kernel = jnp.array([[0.5, -1.0, 2.0], [1.5, 0.25, -0.5]])
     g = jnp.array([[1.0, 0.0, -1.0], [2.0, 1.0, 0.5]])
-    dk = jax.grad(lambda k: jnp.sum(jnp.tanh(cj.inject_gradient(x @ k, g))))(kernel)
+    dk = jax.grad(lambda k: jnp.sum(jnp.tanh(quantizers.inject_gradient(x @ k, g))))(kernel)
     np.testing.assert_allclose(dk, np.asarray(x).T @ np.asarray(g), rtol=1e-6)
 
 
 def test_inject_gradient_casts_and_checks_shape():
     x = W.astype(jnp.bfloat16)
-    dx = jax.grad(lambda x: jnp.sum(cj.inject_gradient(x, UP).astype(jnp.float32)))(x)
+    dx = jax.grad(lambda x: jnp.sum(quantizers.inject_gradient(x, UP).astype(jnp.float32)))(x)
     assert dx.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(dx, np.float32), UP)
     with pytest.raises(ValueError, match=r"grad must have the shape of x; got grad \(3,\)"):
-        cj.inject_gradient(W, jnp.ones(3))
+        quantizers.inject_gradient(W, jnp.ones(3))

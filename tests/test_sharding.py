@@ -11,8 +11,8 @@ that
   as on unsharded params, with indices sharded like their weights, per-channel / group
   tables sharded over their groups and per-tensor tables replicated;
 * three full clustered train steps (the README step: `cj.apply`, `jax.grad`,
-  `cj.optimizer`, `optax.apply_updates`) give the same losses, params, centroids and
-  indices sharded and unsharded, and keep the shardings;
+  `cj.optimizer`, `optax.apply_updates`, `cj.update_indices`) give the same losses,
+  params, centroids and indices sharded and unsharded, and keep the shardings;
 * `cj.update_indices` and `cj.strip` under `jit` agree as well.
 
 Granularities: per-tensor (Dense_0), group of 4 channels (Dense_1: two groups per
@@ -110,13 +110,17 @@ def _worker():
 
     @jax.jit
     def train_step(params, state, opt_state, x, y):
-        def loss_fn(params, state):
-            logits = model.apply({"params": cj.apply(params, state)}, x)
+        def loss_fn(params, centroids):
+            clustered = cj.apply(params, state._replace(centroids=centroids))
+            logits = model.apply({"params": clustered}, x)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-        loss, grads = jax.value_and_grad(loss_fn, argnums=(0, 1), allow_int=True)(params, state)
-        updates, opt_state = tx.update(grads, opt_state, (params, state))
-        params, state = optax.apply_updates((params, state), updates)
+        loss, grads = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, state.centroids)
+        updates, opt_state = tx.update(
+            grads, opt_state, (params, state.centroids), cluster_state=state
+        )
+        params, centroids = optax.apply_updates((params, state.centroids), updates)
+        state = cj.update_indices(params, state._replace(centroids=centroids))
         return params, state, opt_state, loss
 
     strip_fn = jax.jit(cj.strip)
@@ -126,7 +130,7 @@ def _worker():
         params = d["params"]
         state = init_fn(params, jax.random.key(2))
         out = {"init": state}
-        opt_state = opt_init((params, state))
+        opt_state = opt_init((params, state.centroids))
         losses = []
         for _ in range(3):
             params, state, opt_state, loss = train_step(params, state, opt_state, d["x"], d["y"])

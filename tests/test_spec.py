@@ -1,6 +1,5 @@
 """ClusterSpec validation: every bad field is a ValueError naming the field and value."""
 
-import jax
 import numpy as np
 import pytest
 
@@ -53,9 +52,8 @@ def test_bits_and_index_dtype(k, bits, dtype):
     assert np.iinfo(spec.index_dtype).max >= k - 1
 
 
-def test_spec_is_static_pytree_node():
+def test_spec_is_hashable_and_compared_by_value():
     spec = cj.ClusterSpec(num_clusters=np.int64(8))
     assert isinstance(spec.num_clusters, int)
-    assert jax.tree.leaves({"a": spec}) == []
     assert hash(spec) == hash(cj.ClusterSpec(num_clusters=8))
-    assert jax.tree.map(lambda x: x, {"a": spec})["a"] == spec
+    assert spec == cj.ClusterSpec(num_clusters=8) != cj.ClusterSpec(num_clusters=4)

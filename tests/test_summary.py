@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference import hand_state
 from test_packing import make_case, reference_strip
 
 import clusterjax as cj
@@ -147,11 +148,12 @@ def test_summary_of_a_packed_tree(case, tmp_path):
 
 def test_zero_and_constant_weights():
     params = {"z": np.zeros((4, 4), np.float32), "c": np.full((4, 4), 3.0, np.float32)}
-    state = cj.ClusterState(
-        centroids={"z": np.zeros(2, np.float32), "c": np.array([3.0, 1.0], np.float32)},
-        indices={"z": np.zeros((4, 4), np.uint8), "c": np.zeros((4, 4), np.uint8)},
-        masks={"z": None, "c": None},
-        specs={"z": cj.ClusterSpec(num_clusters=2), "c": cj.ClusterSpec(num_clusters=2)},
+    state = hand_state(
+        params,
+        {"z": np.zeros(2, np.float32), "c": np.array([3.0, 1.0], np.float32)},
+        {"z": np.zeros((4, 4), np.uint8), "c": np.zeros((4, 4), np.uint8)},
+        {"z": None, "c": None},
+        {"z": cj.ClusterSpec(num_clusters=2), "c": cj.ClusterSpec(num_clusters=2)},
     )
     rows = {r["path"]: r for r in cj.summary(params, state).rows}
     assert rows["z"]["relative_l2_error"] == 0.0 and rows["z"]["sparsity"] == 1.0

@@ -293,21 +293,3 @@ def nearest(x: jax.Array, tables: jax.Array, base: jax.Array | int = 0) -> jax.A
       int32 array of `x.shape` with values in `[0, K)`.
     """
     return _assign(x, tables, base, np.dtype(np.int32))
-
-
-def nearest_reference(x, tables, groups=None):
-    """The N x K brute-force assignment (NumPy, float64). For tests and benchmarks only."""
-    import numpy as np
-
-    x = np.asarray(x, np.float64)
-    tables = np.asarray(tables, np.float64)
-    if groups is None:
-        groups = np.zeros(x.shape, np.int64)
-    t = tables[groups]  # (..., K)
-    xs = x[..., None]
-    d = np.abs(xs - t)
-    best = d.min(axis=-1, keepdims=True)
-    cand = np.where(d == best, t, np.inf)
-    low = cand.min(axis=-1, keepdims=True)
-    hit = (d == best) & (t == low)
-    return np.argmax(hit, axis=-1)

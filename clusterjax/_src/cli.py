@@ -262,6 +262,7 @@ def _compress(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from clusterjax._src import core, fileformat, packing, summary
+    from clusterjax._src.plan import MIN_WEIGHTS_PER_CENTROID, resolve
     from clusterjax._src.tree import leaves_with_paths
 
     if args.out.lower().endswith(_OUTPUTS):
@@ -277,55 +278,31 @@ def _compress(args: argparse.Namespace) -> int:
     spec = None if rules is not None else _default_spec(args)
     params = read_checkpoint(args.input)
     flat = leaves_with_paths(params)
-    treedef = jax.tree.structure(params, is_leaf=lambda x: x is None)
-    key = jax.random.key(args.seed)
-    used: set[str] = set()
-    messages: list[str] = []
-    fields: dict[str, list] = {f: [] for f in core.ClusterState._fields}
-
-    # One leaf at a time (a progress bar: big checkpoints take a while), each at its own
-    # position in the full tree, so the result equals cj.init(params, rules, key=key).
+    selection = spec if rules is None else {pattern: s for pattern, _, s in rules}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = resolve(params, selection, caller="compress")
+    for w in caught:
+        print(f"clusterjax: warning: {str(w.message).removeprefix('compress: ')}", file=sys.stderr)
+    if not plan.clustered:
+        raise CLIError(
+            "no leaf was selected for clustering (by default: floating arrays with ndim >= 2 "
+            f"and at least {MIN_WEIGHTS_PER_CENTROID} x K elements per table; check "
+            "--clusters / --rules)"
+        )
+    # One leaf at a time under a progress bar (big checkpoints take a while); the result
+    # equals cj.init(params, rules, key=key).
     bar = tqdm(
         total=len(flat), desc="clustering", unit="leaf", file=sys.stderr,
         disable=True if args.quiet else None, leave=False,
     )  # fmt: skip
+
+    def on_leaf(path: str) -> None:
+        bar.set_postfix_str(path[-40:], refresh=False)
+        bar.update(1)
+
     with bar:
-        for position, (path, _) in enumerate(flat):
-            bar.set_postfix_str(path[-40:], refresh=False)
-            if rules is None:
-                choice = spec
-            else:
-                match = next(((p, s) for p, rx, s in rules if rx.fullmatch(path)), None)
-                if match is not None:
-                    used.add(match[0])
-                chosen = None if match is None else match[1]
-                choice = lambda p, w, chosen=chosen: chosen  # noqa: E731
-            only = jax.tree.unflatten(
-                treedef, [w if i == position else None for i, (_, w) in enumerate(flat)]
-            )
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                part = core.init(only, choice, key=key)
-            messages += [str(w.message) for w in caught if str(w.message) not in messages]
-            for name in fields:
-                fields[name].append(treedef.flatten_up_to(getattr(part, name))[position])
-            bar.update(1)
-    if rules is not None:
-        unused = [p for p, _, _ in rules if p not in used]
-        if unused:
-            sample = ", ".join(repr(p) for p, _ in flat[:4])
-            messages.append(
-                f"rule(s) {', '.join(map(repr, unused))} matched no leaf (rules are matched "
-                f"with re.fullmatch against paths such as {sample})"
-            )
-    for msg in messages:
-        print(f"clusterjax: warning: {msg}", file=sys.stderr)
-    if all(s is None for s in fields["specs"]):
-        raise CLIError(
-            "no leaf was selected for clustering (by default: floating arrays with ndim >= 2 "
-            "and at least K elements; check --clusters / --rules)"
-        )
-    state = core.ClusterState(**{f: jax.tree.unflatten(treedef, v) for f, v in fields.items()})
+        state = core.init_from_plan(params, plan, key=jax.random.key(args.seed), on_leaf=on_leaf)
     packed = packing.pack(params, state)
     nbytes = fileformat.save(args.out, packed)
     print(summary._summarize(packed, dict(flat)))

@@ -16,6 +16,7 @@ jitted function (one compilation per batch shape).
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clusterjax._src import core
+from clusterjax._src.plan import resolve
 from clusterjax._src.spec import ClusterSpec
 from clusterjax._src.tree import leaves_with_paths
 
@@ -57,11 +58,11 @@ def _selected(params: PyTree, select: Select) -> list[bool]:
             )
         return out
     if isinstance(select, (ClusterSpec, Mapping)):
-        # The leaves `cj.init(params, select, ...)` would cluster.
-        return [
-            spec is not None and floating(w)
-            for (spec, _), (_, w) in zip(core._select(params, select), flat)
-        ]
+        # The leaves `cj.init(params, select, ...)` would cluster (it warns, not this).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plan = resolve(params, select, caller="cj.fisher_importance")
+        return [lp is not None for lp in plan.leaves]
     if callable(select):
         out = []
         for path, w in flat:

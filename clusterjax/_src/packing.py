@@ -24,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from clusterjax._src import core
+from clusterjax._src.plan import table_base
 from clusterjax._src.spec import GRANULARITIES, index_bits
+from clusterjax._src.state import ClusterState, LeafState, map_leaves
 
 PyTree = Any
 MAX_BITS = 32
@@ -332,7 +334,7 @@ class PackedArray:
 
     def _base(self) -> np.ndarray | int:
         """`g * K` of every element's table, broadcastable to `shape` (0 for one table)."""
-        return _table_base(self.shape, self.num_clusters, self.channel_axis, self.group_size)
+        return table_base(self.shape, self.num_clusters, self.channel_axis, self.group_size)
 
     def unpack(self) -> jax.Array:
         """The dense weight `tables[group][indices]` in `dtype`: equal to `strip`'s array.
@@ -377,15 +379,6 @@ class PackedArray:
         return self.unpack()
 
 
-def _table_base(shape, num_clusters, channel_axis, group_size) -> np.ndarray | int:
-    if channel_axis is None:
-        return 0
-    groups = (np.arange(shape[channel_axis]) // group_size) * num_clusters
-    view = [1] * len(shape)
-    view[channel_axis] = shape[channel_axis]
-    return groups.reshape(view).astype(np.int32)
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("shape", "dtype", "num_clusters", "channel_axis", "group_size"),
@@ -393,7 +386,7 @@ def _table_base(shape, num_clusters, channel_axis, group_size) -> np.ndarray | i
 def _expand(packed, tables, *, shape, dtype, num_clusters, channel_axis, group_size):
     size = math.prod(shape)
     idx = _unpack_bits_jnp(packed, index_bits(num_clusters), size).reshape(shape)
-    base = _table_base(shape, num_clusters, channel_axis, group_size)
+    base = table_base(shape, num_clusters, channel_axis, group_size)
     return jnp.asarray(tables).reshape(-1)[base + idx].astype(jnp.dtype(dtype))
 
 
@@ -440,7 +433,7 @@ def is_packed(x: Any) -> bool:
     return isinstance(x, PackedArray)
 
 
-def pack(params: PyTree, state: core.ClusterState) -> PyTree:
+def pack(params: PyTree, state: ClusterState) -> PyTree:
     """Packs every clustered leaf into a `PackedArray`; other leaves stay as they are.
 
     Args:
@@ -467,45 +460,43 @@ def pack(params: PyTree, state: core.ClusterState) -> PyTree:
       >>> packed["w"].bits, packed["w"].packed.nbytes, type(packed["b"]).__name__
       (2, 64, 'ArrayImpl')
     """
-    treedef = jax.tree.structure(params, is_leaf=lambda x: x is None)
-    out = []
-    for _, leaf, w, c, i, _m in core._leaves(params, state, "cj.pack"):
-        if leaf is None:
-            out.append(w)
-            continue
-        out.append(_pack_leaf(leaf, w, c, i))
-    return jax.tree.unflatten(treedef, out)
+
+    def one(leaf: LeafState):
+        return leaf.w if leaf.plan is None else _pack_leaf(leaf)
+
+    return map_leaves(params, state, "cj.pack", one)
 
 
-def _pack_leaf(leaf, w, centroids, indices) -> PackedArray:
-    spec = leaf.spec
+def _pack_leaf(leaf: LeafState) -> PackedArray:
+    lp = leaf.plan
+    spec = lp.spec
     k = spec.num_clusters
-    idx = np.asarray(indices)
-    tables = np.asarray(centroids)
+    idx = np.asarray(leaf.indices)
+    tables = np.asarray(core.tables(leaf))
     if idx.dtype.kind not in "iu":
         raise ValueError(
-            f"cj.pack: state.indices at {leaf.path!r} has dtype {idx.dtype}; indices must be "
+            f"cj.pack: state.indices at {lp.path!r} has dtype {idx.dtype}; indices must be "
             "integers. Fix: re-run cj.init."
         )
     if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= k):
         raise ValueError(
-            f"cj.pack: state.indices at {leaf.path!r} holds values in "
+            f"cj.pack: state.indices at {lp.path!r} holds values in "
             f"[{int(idx.min())}, {int(idx.max())}], outside [0, {k}) for num_clusters={k}."
         )
     if not np.all(np.isfinite(tables)):
         raise ValueError(
-            f"cj.pack: state.centroids at {leaf.path!r} holds NaN/Inf; a packed file must "
+            f"cj.pack: state.centroids at {lp.path!r} holds NaN/Inf; a packed file must "
             "hold finite centroids. Fix: repair the centroids (or re-run cj.init)."
         )
     return PackedArray(
         packed=pack_bits(idx, spec.bits),
         tables=tables,
-        shape=leaf.shape,
-        dtype=jnp.dtype(jnp.result_type(w)).name,
+        shape=lp.shape,
+        dtype=jnp.dtype(jnp.result_type(leaf.w)).name,
         num_clusters=k,
         granularity=spec.granularity,
-        channel_axis=leaf.axis,
-        group_size=leaf.group_size,
+        channel_axis=lp.axis,
+        group_size=lp.group_size,
     )
 
 

@@ -60,11 +60,11 @@ def binarize(w: ArrayLike, *, axis: Axis = None, clip: bool = False) -> jax.Arra
       >>> import jax, jax.numpy as jnp
       >>> import clusterjax as cj
       >>> w = jnp.array([0.5, -1.5, 2.0, 0.0])
-      >>> cj.binarize(w)  # mean(|w|) = 1
+      >>> cj.quantizers.binarize(w)  # mean(|w|) = 1
       Array([ 1., -1.,  1.,  1.], dtype=float32)
-      >>> jax.grad(lambda w: cj.binarize(w).sum())(w)
+      >>> jax.grad(lambda w: cj.quantizers.binarize(w).sum())(w)
       Array([1., 1., 1., 1.], dtype=float32)
-      >>> jax.grad(lambda w: cj.binarize(w, clip=True).sum())(w)
+      >>> jax.grad(lambda w: cj.quantizers.binarize(w, clip=True).sum())(w)
       Array([1., 0., 0., 1.], dtype=float32)
     """
     w = jnp.asarray(w)
@@ -89,9 +89,9 @@ def round_ste(x: ArrayLike) -> jax.Array:
     Example:
       >>> import jax, jax.numpy as jnp
       >>> import clusterjax as cj
-      >>> cj.round_ste(jnp.array([0.3, 1.6]))
+      >>> cj.quantizers.round_ste(jnp.array([0.3, 1.6]))
       Array([0., 2.], dtype=float32)
-      >>> jax.grad(lambda x: cj.round_ste(x).sum())(jnp.array([0.3, 1.6]))
+      >>> jax.grad(lambda x: cj.quantizers.round_ste(x).sum())(jnp.array([0.3, 1.6]))
       Array([1., 1.], dtype=float32)
     """
     return _round_ste(x)
@@ -128,7 +128,7 @@ def quantize_uniform(w: ArrayLike, bits: int, *, axis: Axis = None) -> jax.Array
     Example:
       >>> import jax.numpy as jnp
       >>> import clusterjax as cj
-      >>> cj.quantize_uniform(jnp.array([0.1, -0.52, 1.0]), bits=2)
+      >>> cj.quantizers.quantize_uniform(jnp.array([0.1, -0.52, 1.0]), bits=2)
       Array([ 0., -1.,  1.], dtype=float32)
     """
     if isinstance(bits, bool) or not isinstance(bits, int) or bits < 2:
@@ -166,7 +166,7 @@ def inject_gradient(x: ArrayLike, grad: ArrayLike) -> jax.Array:
       >>> import jax, jax.numpy as jnp
       >>> import clusterjax as cj
       >>> g = jnp.array([0.5, -2.0])
-      >>> jax.grad(lambda x: (cj.inject_gradient(x, g) ** 2).sum())(jnp.ones(2))
+      >>> jax.grad(lambda x: (cj.quantizers.inject_gradient(x, g) ** 2).sum())(jnp.ones(2))
       Array([ 0.5, -2. ], dtype=float32)
     """
     x = jnp.asarray(x)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-import jax
 import numpy as np
 
 INIT_METHODS = ("linear", "random", "density", "kmeans++", "kmeans")
@@ -140,13 +139,3 @@ def index_dtype(num_clusters: int) -> np.dtype:
         if num_clusters - 1 <= np.iinfo(dt).max:
             return np.dtype(dt)
     raise ValueError(f"num_clusters={num_clusters} does not fit in uint32 indices.")
-
-
-# A ClusterSpec is static configuration: register it as a pytree node with no children,
-# so that it can sit inside `ClusterState.specs` and travel through jit as part of the
-# tree structure (it is hashable and compared by value).
-jax.tree_util.register_pytree_node(
-    ClusterSpec,
-    lambda spec: ((), spec),
-    lambda spec, _: spec,
-)

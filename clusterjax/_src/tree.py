@@ -65,41 +65,40 @@ def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
 
 
 def flatten_like(params: Any, tree: Any, field: str) -> list[Any]:
-    """Flattens `tree` (a state field) to one entry per leaf of `params`.
+    """Flattens `tree` to one entry per leaf of `params` (`None` leaves included).
 
     Trees are matched by structure, or failing that by '/'-joined path, so a state made
     for a `dict` also fits the same params as a `FrozenDict` (and vice versa).
 
-    Raises a `ValueError` naming the first path where the structures differ.
+    Args:
+      params: the reference tree.
+      tree: a tree with params' structure, e.g. a `ClusterState` field or gradients.
+      field: how errors name `tree`, e.g. "state.centroids".
+
+    Raises:
+      ValueError: naming the first path where the structures differ.
     """
-    p_flat, p_def = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_none)
+    treedef = jax.tree.structure(params, is_leaf=_is_none)
     try:
-        return p_def.flatten_up_to(tree)
+        return treedef.flatten_up_to(tree)
     except (ValueError, TypeError) as err:
-        t_flat = jax.tree_util.tree_flatten_with_path(
-            tree, is_leaf=lambda x: x is None or _is_static_spec(x)
-        )[0]
-        by_path = {path_str(p): leaf for p, leaf in t_flat}
-        p_paths = [path_str(p) for p, _ in p_flat]
+        p_paths = [p for p, _ in leaves_with_paths(params)]
+        by_path = dict(leaves_with_paths(tree))
         missing = [p for p in p_paths if p not in by_path]
         extra = [p for p in by_path if p not in set(p_paths)]
         if not missing and not extra and len(by_path) == len(p_paths):
             return [by_path[p] for p in p_paths]
         detail = []
         if missing:
-            detail.append(f"params leaf {missing[0]!r} has no entry in state.{field}")
+            detail.append(f"params leaf {missing[0]!r} has no entry in {field}")
         if extra:
-            detail.append(f"state.{field} has {extra[0]!r}, which params do not have")
+            detail.append(f"{field} has {extra[0]!r}, which params do not have")
         if not detail:
             detail.append(f"the tree types differ ({err})")
-        raise ValueError(
-            f"ClusterState does not match params: {'; '.join(detail)}. A ClusterState "
-            "only fits the params it was made for: call cj.init(params, spec, key=key) "
-            "again for these params."
-        ) from None
-
-
-def _is_static_spec(x: Any) -> bool:
-    from clusterjax._src.spec import ClusterSpec
-
-    return isinstance(x, ClusterSpec)
+        fix = (
+            "A ClusterState only fits the params it was made for: call "
+            "cj.init(params, spec, key=key) again for these params."
+            if field.startswith("state.")
+            else f"Fix: pass {field} with the structure of the params."
+        )
+        raise ValueError(f"{field} does not match params: {'; '.join(detail)}. {fix}") from None

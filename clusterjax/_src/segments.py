@@ -1,0 +1,174 @@
+"""Per-cluster sums and sizes: the gather of the clustered forward pass and its scatters.
+
+A clustered weight is `flat[base + index]` (`flat`: the leaf's tables, flattened; `base`:
+`g * K` of each weight's table, see `LeafPlan.base`). Its transpose, the centroid
+gradient, is a scatter-add of the upstream gradient by the same positions. With "mean"
+aggregation the optimizer also needs the cluster sizes: a second scatter, of ones.
+
+**One scatter for both.** XLA:CPU runs a scatter as a scalar loop over the weights, so a
+train step should not pay for two. For leaves where `pairs_in_backward` holds, `apply`'s
+backward pass scatters the pairs `(g, 1)` once (`sums_and_sizes`) and keeps the sums.
+The optimizer needs the sizes of the same leaf and asks for the same `sums_and_sizes`
+on the weight gradient it receives. With the straight-through estimator that gradient
+*is* `g`, the very array the backward pass scattered, so inside one jitted train step the
+two scatters are identical expressions and XLA's common-subexpression elimination keeps
+one: the sizes cost no extra pass. Correctness never depends on the merge: the count
+column does not depend on the values scattered, so when the arrays differ (a transform
+before `cj.optimizer` clipped the gradient, a loss term on the raw weights, grad and
+update in separate jits) the sizes are still exact and only the saving is lost.
+`tests/test_optimizer.py::test_one_scatter_per_leaf` counts the scatters of a compiled
+step and guards the merge.
+
+Other leaves (a sparsity mask makes the weight gradient `g * mask`, not `g`; "sum"
+aggregation needs no sizes) scatter plain values and count with `sizes`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from clusterjax._src.plan import LeafPlan
+
+# Pairs are scattered in chunks of this many weights: see `sums_and_sizes`.
+_PAIR_CHUNK = 1 << 20
+
+
+def pairs_in_backward(lp: LeafPlan) -> bool:
+    """Whether `apply`'s backward pass scatters `(g, 1)` pairs for this leaf.
+
+    True where the optimizer needs cluster sizes ("mean" aggregation) and the weight
+    gradient equals the upstream gradient (no sparsity mask).
+    """
+    return lp.spec.gradient_aggregation == "mean" and not lp.spec.preserve_sparsity
+
+
+def positions(indices: jax.Array, base) -> jax.Array:
+    """(N, 1) positions of every weight's centroid in the flattened tables."""
+    if isinstance(base, int) and base == 0:
+        # One table: the small unsigned indices as they are (no int32 copy of the leaf).
+        return indices.reshape(-1, 1)
+    return (base + indices.astype(jnp.int32)).reshape(-1, 1)
+
+
+def _scatter_add_rows(updates: jax.Array, pos: jax.Array, size: int, into=None):
+    """`out[pos[n]] += updates[n]`, out = `into` or zeros `(size,) + updates.shape[1:]`."""
+    window = tuple(range(1, updates.ndim))
+    dnums = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=window, inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
+    )
+    if into is None:
+        into = jnp.zeros((size,) + updates.shape[1:], updates.dtype)
+    return jax.lax.scatter_add(
+        into,
+        pos,
+        updates,
+        dnums,
+        # Out-of-range positions (impossible here) would be dropped, never clamped.
+        mode=jax.lax.GatherScatterMode.FILL_OR_DROP,
+    )
+
+
+def sizes(indices: jax.Array, base, size: int) -> jax.Array:
+    """Number of weights per centroid, `(size,)` float32 over the flattened tables."""
+    pos = positions(indices, base)
+    return _scatter_add_rows(jnp.ones((pos.shape[0],), jnp.float32), pos, size)
+
+
+def sums(values: jax.Array, indices: jax.Array, base, size: int) -> jax.Array:
+    """Per-centroid sums of `values` (shaped like the weight), `(size,)`."""
+    real = jnp.promote_types(values.dtype, jnp.float32)
+    return _scatter_add_rows(values.reshape(-1).astype(real), positions(indices, base), size)
+
+
+def sums_and_sizes(values: jax.Array, indices: jax.Array, base, size: int):
+    """Per-centroid sums of `values` and cluster sizes, from one scatter of `(v, 1)` pairs.
+
+    Above `_PAIR_CHUNK` weights the pairs are built and scattered chunk by chunk, each
+    chunk only after the previous scatter (`after`), so one chunk-sized pair buffer
+    serves the whole leaf instead of a pair array twice the gradient's size.
+    """
+    real = jnp.promote_types(values.dtype, jnp.float32)
+    v = values.reshape(-1).astype(real)
+    pos = positions(indices, base)
+    out = None
+    for start in range(0, pos.shape[0], _PAIR_CHUNK):
+        part = v[start : start + _PAIR_CHUNK]
+        part_pos = pos[start : start + _PAIR_CHUNK]
+        if out is not None:
+            part, part_pos = after((part, part_pos), out)
+        pairs = jnp.stack([part, jnp.ones_like(part)], axis=1)
+        out = _scatter_add_rows(pairs, part_pos, size, out)
+    return out[:, 0], out[:, 1]
+
+
+def after(tree, done: jax.Array):
+    """`tree` unchanged, but computed only once `done` (a scatter's output) exists.
+
+    Adds `done[0] != done[0]` (always False: sums and sizes are never NaN for finite
+    gradients, and a NaN would only add a NaN where the gradient already is one) to
+    every leaf. XLA cannot fold it away, so consumers of the result are scheduled after
+    the scatter that made `done`. `jax.lax.optimization_barrier` does not give this
+    order on XLA:CPU (it is removed before scheduling).
+    """
+    first = done.reshape(-1)[0]
+    never = first != first
+    return jax.tree.map(lambda x: x + never.astype(x.dtype), tree)
+
+
+def take(flat: jax.Array, indices: jax.Array, base) -> jax.Array:
+    """`flat[base + indices]`: the gather of the clustered forward pass."""
+    if isinstance(base, int) and base == 0:
+        # One table: gather with the small unsigned indices themselves, so neither this
+        # gather nor its transpose (the scatter-add of the centroid gradient) needs an
+        # int32 copy of the indices (4 bytes per weight in a train step). Not mode=CLIP:
+        # its transpose clamps the indices into yet another copy. An XLA gather clamps
+        # out-of-range starts by itself, and a scatter drops them, so this stays safe.
+        dnums = jax.lax.GatherDimensionNumbers(
+            offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,)
+        )
+        return jax.lax.gather(
+            flat,
+            indices[..., None],
+            dnums,
+            (1,),
+            mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+        )
+    return flat[base + indices.astype(jnp.int32)]
+
+
+@jax.custom_vjp
+def take_summing_pairs(flat: jax.Array, indices: jax.Array, base) -> jax.Array:
+    """`take` whose transpose scatters `(g, 1)` pairs (`sums_and_sizes`, see the module)."""
+    return take(flat, indices, base)
+
+
+def _take_summing_pairs_fwd(flat, indices, base):
+    # The table is the residual (it gives the size and dtype); it is tiny.
+    return take(flat, indices, base), (flat, indices, base)
+
+
+def _take_summing_pairs_bwd(residuals, g):
+    flat, indices, base = residuals
+    s, _ = sums_and_sizes(g, indices, base, flat.shape[0])
+    return s.astype(flat.dtype), None, None
+
+
+take_summing_pairs.defvjp(_take_summing_pairs_fwd, _take_summing_pairs_bwd)
+
+
+def centroid_sizes(lp: LeafPlan, weight_grad: jax.Array, indices: jax.Array) -> jax.Array:
+    """Cluster sizes shaped like the leaf's table, for the optimizer's "mean" aggregation.
+
+    Returns `(sizes, weight_grad)`: where `pairs_in_backward(lp)`, the sizes come from the
+    same pair scatter as the backward pass (merged by XLA, see the module docstring), and
+    the weight gradient is handed back to be used only after that scatter, so an inner
+    optimizer can update its moments in place in the gradient's buffer.
+    """
+    size = lp.num_groups * lp.num_clusters
+    if pairs_in_backward(lp):
+        _, counts = sums_and_sizes(weight_grad, indices, lp.base(), size)
+        weight_grad = after(weight_grad, counts)
+    else:
+        counts = sizes(indices, lp.base(), size)
+    return counts.reshape(lp.table_shape), weight_grad

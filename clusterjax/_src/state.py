@@ -1,0 +1,200 @@
+"""`ClusterState` and the one walk over (params, state) that every consumer uses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from flax import serialization
+
+from clusterjax._src.plan import LeafPlan, Plan
+from clusterjax._src.tree import flatten_like
+
+PyTree = Any
+
+
+class ClusterState(NamedTuple):
+    """Everything clustering adds to a model, as a pytree of arrays.
+
+    `centroids`, `indices` and `masks` have the structure of the params they were made
+    for, with `None` at leaves that are not clustered. `plan` is static: it is part of
+    the tree structure, not a leaf, so `jax.tree.leaves(state)` holds arrays only, a
+    `ClusterState` is a valid `jax.jit` argument, and `flax.serialization` and orbax
+    store the three array fields (restore into a `ClusterState` from `cj.init` as the
+    target).
+
+    Attributes:
+      centroids: centroid tables: `(K,)` per tensor, `(G, K)` per channel / group.
+        Trainable (they get gradients through `clusterjax.apply`).
+      indices: per-weight index into the weight's own table, shaped like the weight,
+        in the smallest unsigned dtype that holds K (`uint8` for K <= 256).
+      masks: `bool` arrays shaped like the weight where `preserve_sparsity` is on
+        (`True` = kept, `False` = pruned), `None` elsewhere.
+      plan: the `Plan` from `cj.init`: every clustered leaf's `ClusterSpec` and table
+        geometry. Static.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import clusterjax as cj
+      >>> params = {"kernel": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "bias": jnp.zeros(4)}
+      >>> state = cj.init(params, cj.ClusterSpec(num_clusters=2), key=jax.random.key(0))
+      >>> state.centroids["kernel"].shape, state.indices["kernel"].dtype, state.centroids["bias"]
+      ((2,), dtype('uint8'), None)
+      >>> [x.shape for x in jax.tree.leaves(state)]   # arrays only
+      [(2,), (3, 4)]
+    """
+
+    centroids: PyTree
+    indices: PyTree
+    masks: PyTree
+    plan: Plan | None = None
+
+    @property
+    def specs(self) -> PyTree:
+        """The `ClusterSpec` of every leaf (`None` where not clustered), shaped like params."""
+        if self.plan is None:
+            return None
+        treedef = jax.tree.structure(self.indices, is_leaf=_is_none)
+        return jax.tree.unflatten(
+            treedef, [None if lp is None else lp.spec for lp in self.plan.leaves]
+        )
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+_ARRAY_FIELDS = ("centroids", "indices", "masks")
+
+
+def _flatten_with_keys(s: ClusterState):
+    return tuple((jax.tree_util.GetAttrKey(f), getattr(s, f)) for f in _ARRAY_FIELDS), s.plan
+
+
+def _flatten(s: ClusterState):
+    return (s.centroids, s.indices, s.masks), s.plan
+
+
+def _unflatten(plan: Plan | None, children) -> ClusterState:
+    return ClusterState(*children, plan)
+
+
+jax.tree_util.register_pytree_with_keys(ClusterState, _flatten_with_keys, _unflatten, _flatten)
+
+# flax.serialization walks NamedTuples field by field: the static plan contributes an
+# empty dict and is restored from the target state.
+serialization.register_serialization_state(Plan, lambda plan: {}, lambda target, state_dict: target)
+
+
+class LeafState(NamedTuple):
+    """One leaf of params with its plan and its part of the `ClusterState`.
+
+    `plan`, `centroids`, `indices` and `mask` are `None` for a leaf that is not
+    clustered (and `mask` for a clustered leaf without `preserve_sparsity`).
+    """
+
+    plan: LeafPlan | None
+    w: Any
+    centroids: Any
+    indices: Any
+    mask: Any
+
+
+def leaves(params: PyTree, state: ClusterState, caller: str) -> list[LeafState]:
+    """Every leaf of `params` with its plan and state, checked against each other.
+
+    Raises:
+      ValueError: naming the leaf and the fix, when `state` is not a `ClusterState` made
+        for params of this structure and these shapes.
+    """
+    if not isinstance(state, ClusterState):
+        raise ValueError(
+            f"{caller}: expected a ClusterState, got {type(state).__name__}. Fix: state = "
+            "cj.init(params, spec, key=key)."
+        )
+    plan = state.plan
+    if not isinstance(plan, Plan):
+        raise ValueError(
+            f"{caller}: this ClusterState has no plan (plan={plan!r}). Build states with "
+            "cj.init, and change them with state._replace(centroids=...) so the plan stays."
+        )
+    fields = [flatten_like(params, getattr(state, f), f"state.{f}") for f in _ARRAY_FIELDS]
+    flat_w = jax.tree.leaves(params, is_leaf=_is_none)
+    if len(flat_w) != len(plan.leaves):
+        raise ValueError(
+            f"{caller}: params have {len(flat_w)} leaves but the ClusterState's plan has "
+            f"{len(plan.leaves)} (e.g. {list(plan.paths[:4])}). Fix: call cj.init for these "
+            "params."
+        )
+    out = []
+    for lp, path, w, c, i, m in zip(plan.leaves, plan.paths, flat_w, *fields):
+        if lp is None:
+            if c is not None or i is not None or m is not None:
+                raise ValueError(
+                    f"{caller}: leaf {path!r} is not clustered in the state's plan, but the "
+                    "state holds centroids/indices/masks for it. Fix: build the state with "
+                    "cj.init."
+                )
+            out.append(LeafState(None, w, None, None, None))
+            continue
+        _check_leaf(caller, lp, w, c, i, m)
+        out.append(LeafState(lp, w, c, i, m if lp.spec.preserve_sparsity else None))
+    return out
+
+
+def _check_leaf(caller: str, lp: LeafPlan, w, c, i, m) -> None:
+    path = lp.path
+    if w is None or tuple(np.shape(w)) != lp.shape:
+        got = None if w is None else tuple(np.shape(w))
+        raise ValueError(
+            f"{caller}: param {path!r} has shape {got}, but the ClusterState was made for "
+            f"shape {lp.shape}. Fix: re-run cj.init for the current params."
+        )
+    if c is None or i is None:
+        field = "centroids" if c is None else "indices"
+        raise ValueError(
+            f"{caller}: leaf {path!r} is clustered, but state.{field} has None there "
+            "(centroids and indices must be set together). Fix: build the state with cj.init."
+        )
+    if tuple(np.shape(i)) != lp.shape:
+        raise ValueError(
+            f"{caller}: state.indices at {path!r} has shape {tuple(np.shape(i))} but the "
+            f"param has shape {lp.shape}. Fix: re-run cj.init for the current params."
+        )
+    if tuple(np.shape(c)) != lp.table_shape:
+        raise ValueError(
+            f"{caller}: state.centroids at {path!r} has shape {tuple(np.shape(c))}, expected "
+            f"{lp.table_shape} for {lp.spec.granularity!r} granularity with "
+            f"K={lp.num_clusters}. Fix: re-run cj.init for the current params."
+        )
+    if lp.spec.preserve_sparsity and (m is None or tuple(np.shape(m)) != lp.shape):
+        raise ValueError(
+            f"{caller}: state.masks at {path!r} must be a bool array of shape {lp.shape} "
+            "(preserve_sparsity=True). Fix: re-run cj.init."
+        )
+
+
+def map_leaves(
+    params: PyTree, state: ClusterState, caller: str, fn: Callable[[LeafState], Any]
+) -> PyTree:
+    """`fn(leaf)` for every `LeafState`, as a tree with params' structure."""
+    treedef = jax.tree.structure(params, is_leaf=_is_none)
+    return jax.tree.unflatten(treedef, [fn(leaf) for leaf in leaves(params, state, caller)])
+
+
+def plan_leaves(state: ClusterState, tree: PyTree, what: str, caller: str) -> list:
+    """`tree` (shaped like the params of `state`) flattened to one entry per plan leaf.
+
+    Used where only a tree shaped like params is at hand (e.g. gradients): matched to
+    the plan by structure, or by path for trees of another container type.
+    """
+    if not isinstance(state, ClusterState) or not isinstance(state.plan, Plan):
+        raise ValueError(
+            f"{caller}: expected the ClusterState from cj.init, got {type(state).__name__}."
+        )
+    flat = flatten_like(state.indices, tree, what)
+    if len(flat) != len(state.plan.leaves):
+        raise ValueError(f"{caller}: {what} does not match the ClusterState's params.")
+    return flat
