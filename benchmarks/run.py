@@ -158,16 +158,17 @@ def _mlp_steps(sizes, batch, k, update):
     spec = cj.ClusterSpec(num_clusters=k, update_indices=update)
     cstate = cj.init(params, spec, key=key)
     tx = cj.optimizer(optax.adam(1e-3))
-    c_opt = tx.init((params, cstate))
+    c_opt = tx.init((params, cstate.centroids))
 
     @jax.jit
-    def clustered(params, cstate, opt_state):
-        def loss_fn(p, s):
-            return xent(model.apply({"params": cj.apply(p, s)}, x))
+    def clustered(params, cstate, opt_state):  # the README's train step
+        def loss_fn(p, c):
+            return xent(model.apply({"params": cj.apply(p, cstate._replace(centroids=c))}, x))
 
-        loss, g = jax.value_and_grad(loss_fn, argnums=(0, 1), allow_int=True)(params, cstate)
-        u, opt_state = tx.update(g, opt_state, (params, cstate))
-        params, cstate = optax.apply_updates((params, cstate), u)
+        loss, g = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, cstate.centroids)
+        u, opt_state = tx.update(g, opt_state, (params, cstate.centroids), cluster_state=cstate)
+        params, centroids = optax.apply_updates((params, cstate.centroids), u)
+        cstate = cj.update_indices(params, cstate._replace(centroids=centroids))
         return params, cstate, opt_state, loss
 
     return (lambda: plain(params, plain_state)), (lambda: clustered(params, cstate, c_opt))
@@ -213,14 +214,14 @@ if mode == "plain":
 else:
     cs = cj.init(params, cj.ClusterSpec(num_clusters=k, init="linear"), key=key)
     tx = cj.optimizer(optax.adam(1e-3))
-    carry = (params, cs, tx.init((params, cs)))
+    carry = (params, cs, tx.init((params, cs.centroids)))
     @jax.jit
     def step(p, cs, st):
-        f = lambda p, s: loss_of(cj.apply(p, s)["w"])
-        g = jax.grad(f, argnums=(0, 1), allow_int=True)(p, cs)
-        u, st = tx.update(g, st, (p, cs))
-        p, cs = optax.apply_updates((p, cs), u)
-        return p, cs, st
+        f = lambda p, c: loss_of(cj.apply(p, cs._replace(centroids=c))["w"])
+        g = jax.grad(f, argnums=(0, 1))(p, cs.centroids)
+        u, st = tx.update(g, st, (p, cs.centroids), cluster_state=cs)
+        p, c = optax.apply_updates((p, cs.centroids), u)
+        return p, cj.update_indices(p, cs._replace(centroids=c)), st
 carry = jax.block_until_ready(step(*carry))  # compile and warm up
 del params
 gc.collect()

@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
         for init in inits:
             for k in ks:
                 spec = cj.ClusterSpec(num_clusters=k, init=init, granularity=args.granularity)
-                state = cj.init(params, spec, key=jax.random.key(args.seed + 1))
+                state = cj.init(params, {C.KERNELS: spec}, key=jax.random.key(args.seed + 1))
                 before = C.accuracy(model, cj.strip(params, state), x_ev, y_ev)
                 p2, s2 = C.train_clustered(
                     model,

@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
                 cell = acc[name][k]
                 for update in (False, True):
                     spec = cj.ClusterSpec(num_clusters=k, init=args.init, update_indices=update)
-                    state = cj.init(params, spec, key=jax.random.key(seed + 1))
+                    state = cj.init(params, {C.KERNELS: spec}, key=jax.random.key(seed + 1))
                     if not update:
                         cell["before"].append(
                             C.accuracy(model, cj.strip(params, state), x_ev, y_ev)

@@ -79,13 +79,16 @@ def clustered_step(graphdef, lr: float, decay_steps: int | None):
 
     @jax.jit
     def nnx_train_step(params, state, opt_state, rest, x, y):
-        def loss_fn(params, state):
-            logits = cj.nnx_merge(graphdef, params, state, rest)(x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        def loss_fn(params, centroids):
+            model = cj.nnx_merge(graphdef, params, state._replace(centroids=centroids), rest)
+            return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
-        loss, grads = jax.value_and_grad(loss_fn, argnums=(0, 1), allow_int=True)(params, state)
-        updates, opt_state = tx.update(grads, opt_state, (params, state))
-        params, state = optax.apply_updates((params, state), updates)
+        loss, grads = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, state.centroids)
+        updates, opt_state = tx.update(
+            grads, opt_state, (params, state.centroids), cluster_state=state
+        )
+        params, centroids = optax.apply_updates((params, state.centroids), updates)
+        state = cj.update_indices(params, state._replace(centroids=centroids))
         return params, state, opt_state, loss
 
     return tx, nnx_train_step
@@ -132,14 +135,14 @@ def main(argv=None) -> dict:
     results, summary_text = [], ""
     for k in ks:
         spec = cj.ClusterSpec(num_clusters=k, init=args.init, granularity=args.granularity)
-        state = cj.init(params, spec, key=jax.random.key(args.seed + 1))
+        state = cj.init(params, {C.KERNELS: spec}, key=jax.random.key(args.seed + 1))
         before = accuracy(graphdef, cj.strip(params, state), rest, x_ev, y_ev)
         ft_steps = args.finetune_epochs * (len(x_tr) // args.batch_size)
         ft_steps = ft_steps if args.steps is None else min(ft_steps, args.steps)
         tx, step = clustered_step(
             graphdef, args.finetune_lr, None if args.constant_lr else ft_steps
         )
-        p, s, opt_state = params, state, tx.init((params, state))
+        p, s, opt_state = params, state, tx.init((params, state.centroids))
         rng = np.random.default_rng(args.seed)
         batches = C.batches(rng, len(x_tr), args.batch_size, args.finetune_epochs)
         with C.progress(ft_steps, f"nnx K={k}", bar) as pbar:

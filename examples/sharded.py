@@ -12,8 +12,8 @@ classifier row-wise (input rows), and every batch is split over 'data'. The scri
    (indices sharded like their weights, per-channel / group tables like the channel
    axis, per-tensor tables replicated);
 3. fine-tunes for `--steps` with the README's clustered train step (`cj.apply`,
-   `jax.grad`, `cj.optimizer`, `optax.apply_updates`), unchanged: sharding comes from the
-   inputs alone;
+   `jax.grad`, `cj.optimizer`, `optax.apply_updates`, `cj.update_indices`), unchanged:
+   sharding comes from the inputs alone;
 4. runs the same program on one device and compares (losses, params, centroids,
    indices), then writes `results.md` and `loss.png` to the output folder it prints.
 
@@ -86,26 +86,22 @@ def state_shardings(mesh, params_shape, param_sharding, state_shape):
     treedef = jax.tree.structure(params_shape, is_leaf=is_none)
     ws = jax.tree.leaves(params_shape, is_leaf=is_none)
     shs = jax.tree.leaves(param_sharding, is_leaf=is_none)
-    specs = jax.tree.leaves(
-        state_shape.specs, is_leaf=lambda s: s is None or isinstance(s, cj.ClusterSpec)
-    )
     cents, idx, masks = [], [], []
-    for w, sh, s in zip(ws, shs, specs):
-        if s is None:
+    for w, sh, lp in zip(ws, shs, state_shape.plan.leaves):
+        if lp is None:
             cents.append(None)
             idx.append(None)
             masks.append(None)
             continue
-        if s.granularity == "tensor":
+        if lp.axis is None:
             cents.append(NamedSharding(mesh, P()))
         else:
-            axis = s.channel_axis % w.ndim
             parts = tuple(sh.spec) + (None,) * (w.ndim - len(sh.spec))
-            cents.append(NamedSharding(mesh, P(parts[axis], None)))
+            cents.append(NamedSharding(mesh, P(parts[lp.axis], None)))
         idx.append(sh)
-        masks.append(sh if s.preserve_sparsity else None)
+        masks.append(sh if lp.spec.preserve_sparsity else None)
     un = lambda xs: jax.tree.unflatten(treedef, xs)  # noqa: E731
-    return cj.ClusterState(un(cents), un(idx), un(masks), state_shape.specs)
+    return cj.ClusterState(un(cents), un(idx), un(masks), state_shape.plan)
 
 
 def describe(tree_of_arrays):
@@ -137,13 +133,17 @@ def make_steps(lr_dense: float, lr_clustered: float):
     # The README's train step, verbatim: nothing here mentions devices or shardings.
     @jax.jit
     def train_step(params, state, opt_state, x, y):
-        def loss_fn(params, state):
-            logits = MODEL.apply({"params": cj.apply(params, state)}, x)
+        def loss_fn(params, centroids):
+            clustered = cj.apply(params, state._replace(centroids=centroids))
+            logits = MODEL.apply({"params": clustered}, x)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-        loss, grads = jax.value_and_grad(loss_fn, argnums=(0, 1), allow_int=True)(params, state)
-        updates, opt_state = tx.update(grads, opt_state, (params, state))
-        params, state = optax.apply_updates((params, state), updates)
+        loss, grads = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, state.centroids)
+        updates, opt_state = tx.update(
+            grads, opt_state, (params, state.centroids), cluster_state=state
+        )
+        params, centroids = optax.apply_updates((params, state.centroids), updates)
+        state = cj.update_indices(params, state._replace(centroids=centroids))
         return params, state, opt_state, loss
 
     return dense_tx, dense_step, tx, train_step
@@ -203,7 +203,7 @@ def run(args, mesh, data, progress, label):
     state = jax.jit(init_fn, out_shardings=s_shard)(params, jax.random.key(args.seed + 1))
     init_state = state
 
-    opt_state = tx.init((params, state))
+    opt_state = tx.init((params, state.centroids))
     losses, t_steps = [], []
     for i in tqdm(range(args.steps), desc=f"{label} clustered", disable=not progress):
         xb, yb = batch(args.pretrain_steps + i)
@@ -315,13 +315,11 @@ def main(argv=None) -> dict:
     # ---- report.
     params_sh, idx_sh = describe(sharded["params"]), describe(sharded["state"].indices)
     cent_sh = describe(sharded["state"].centroids)
-    specs = jax.tree.leaves(
-        sharded["state"].specs, is_leaf=lambda s: s is None or isinstance(s, cj.ClusterSpec)
-    )
     rows = []
-    for (path, w), spec in zip(jax.tree_util.tree_leaves_with_path(sharded["params"]), specs):
+    plan = sharded["state"].plan
+    for (path, w), lp in zip(jax.tree_util.tree_leaves_with_path(sharded["params"]), plan.leaves):
         name = cj.path_str(path)
-        gran = "-" if spec is None else spec.granularity
+        gran = "-" if lp is None else lp.spec.granularity
         rows.append(
             [name, str(tuple(w.shape)), params_sh[name], idx_sh.get(name, "-"), gran]
             + [cent_sh.get(name, "-")]

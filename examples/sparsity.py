@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
         for k in ks:
             for preserve in (False, True):
                 spec = cj.ClusterSpec(num_clusters=k, init=args.init, preserve_sparsity=preserve)
-                state = cj.init(pruned, spec, key=jax.random.key(args.seed + 1))
+                state = cj.init(pruned, {C.KERNELS: spec}, key=jax.random.key(args.seed + 1))
                 sp_init = C.sparsity([w for _, w in C.clustered_leaves(pruned, state)])
                 before = C.accuracy(model, cj.strip(pruned, state), x_ev, y_ev)
                 p2, s2 = C.train_clustered(

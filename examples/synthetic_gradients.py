@@ -6,7 +6,7 @@ digits (1797 real 8x8 images, stratified 75/25 split, seed 0), trained four ways
 - backprop:     ordinary backpropagation through the whole network;
 - sg:           every hidden layer i is updated from a synthetic gradient
                 g_i = M_i(h_i) predicted by a small learned module M_i, injected with
-                `cj.inject_gradient(h_i, g_i)` (Jaderberg et al., 2017, "DNI"), so no
+                `quantizers.inject_gradient(h_i, g_i)` (Jaderberg et al., 2017, "DNI"), so no
                 gradient crosses a layer boundary;
 - sg+label:     the same with M_i(h_i, onehot(y)) (conditional DNI, "cDNI");
 - no-backprop:  only the classifier learns; the hidden layers stay at their random
@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _digits import load_digits_split  # noqa: E402
 
-import clusterjax as cj  # noqa: E402
+from clusterjax import quantizers  # noqa: E402
 
 NUM_CLASSES = 10
 # name: (mode, conditioned on the label)
@@ -129,9 +129,9 @@ def forward(params, sg_modules, probes, x, y, *, mode: str, conditioned: bool):
             g = synthetic_gradient(
                 sg_modules[i], jax.lax.stop_gradient(h), y, conditioned=conditioned
             )
-            h = cj.inject_gradient(h, g / batch)
+            h = quantizers.inject_gradient(h, g / batch)
         elif mode == "nobp":
-            h = cj.inject_gradient(h, jnp.zeros_like(h))
+            h = quantizers.inject_gradient(h, jnp.zeros_like(h))
         elif mode != "backprop":
             raise ValueError(f"mode must be 'backprop', 'sg' or 'nobp'; got {mode!r}.")
         h = h + probes[i]
@@ -333,7 +333,7 @@ def main(argv=None) -> dict:
         f"(seed 0; 1347 train / 450 test); {args.epochs} epochs, batch {args.batch_size}, "
         f"Adam {args.lr} (MLP) and {args.sg_lr} (SG modules, "
         f"{'linear' if not args.sg_hidden else f'{args.sg_hidden} hidden units'}, zero-init "
-        f"output), seed {args.seed}. Gradients are injected with `cj.inject_gradient`. "
+        f"output), seed {args.seed}. Gradients are injected with `quantizers.inject_gradient`. "
         "'cos(SG, true grad)': cosine between the synthetic gradient and the backpropagated "
         "gradient of each hidden layer's output on the test set, after training.\n\n"
         f"{table}\n\nWall time: {seconds:.0f} s.\n"

@@ -3,9 +3,9 @@
 A Flax linen MLP (64-256-256-10) on scikit-learn's bundled digits (1797 real 8x8 images,
 stratified 75/25 split, seed 0). The float32 baseline is trained with Adam; the binarized
 models keep float "latent" weights, and every forward pass uses
-`cj.binarize(kernel) = sign(kernel) * mean(|kernel|)` for the hidden layers' kernels (the
+`quantizers.binarize(kernel) = sign(kernel) * mean(|kernel|)` for the hidden layers' kernels (the
 10-way classifier and the biases stay float, as in XNOR-Net). The gradient reaches the
-latent weights through the straight-through estimator: identity (`cj.binarize`), or
+latent weights through the straight-through estimator: identity (`quantizers.binarize`), or
 zeroed where |w| > 1 (`clip=True`). Also shown: binarizing the trained float model with
 no straight-through training. Writes `results.md`, `accuracy.png` and `weights.png`.
 
@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _digits import load_digits_split  # noqa: E402
 
-import clusterjax as cj  # noqa: E402
+from clusterjax import quantizers  # noqa: E402
 
 # name: (binarize hidden kernels?, scale axis, clip, trained straight-through?)
 VARIANTS = {
@@ -59,13 +59,15 @@ class MLP(nn.Module):
 
 
 def binarize_hidden(params, *, axis=None, clip=False):
-    """Replaces every hidden layer's kernel by `cj.binarize(kernel)`; the rest is unchanged."""
+    """Replaces every hidden kernel by `quantizers.binarize(kernel)`; the rest is unchanged."""
     last = f"Dense_{len(params) - 1}"
 
     def one(path, leaf):
         layer, name = path[0].key, path[-1].key
         return (
-            cj.binarize(leaf, axis=axis, clip=clip) if name == "kernel" and layer != last else leaf
+            quantizers.binarize(leaf, axis=axis, clip=clip)
+            if name == "kernel" and layer != last
+            else leaf
         )
 
     return jax.tree.map_with_path(one, params)
