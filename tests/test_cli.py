@@ -13,6 +13,7 @@ import os
 import pathlib
 import pickle
 import re
+import stat
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_atomic import MASKS, open_mode, umask
 from test_packing import bits_equal
 
 import clusterjax as cj
@@ -266,3 +268,20 @@ def test_progress_bar_on_a_terminal(checkpoint, tmp_path, monkeypatch, capsys):
                  "--quiet", "-o", str(out)]) == 0  # fmt: skip
     assert fake.getvalue().strip("\0") == ""
     assert "2 clustered leaves" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_every_output_gets_the_mode_of_a_plain_open(checkpoint, tmp_path, mask):
+    # Not 0o600: a team's shared folder, or a server running as another user, reads them.
+    outs = [tmp_path / f"d.{ext}" for ext in ("safetensors", "npz", "msgpack")]
+    with umask(mask):
+        assert cli("compress", checkpoint / "model.npz", "-k", "2", "--init", "linear", "-q",
+                   "-o", tmp_path / "m.cjx") == 0  # fmt: skip
+        for out in outs:
+            assert cli("decompress", tmp_path / "m.cjx", "-o", out) == 0
+        want = open_mode(tmp_path)
+    assert want == 0o666 & ~mask
+    for path in [tmp_path / "m.cjx", *outs]:
+        assert stat.S_IMODE(path.stat().st_mode) == want, path.name
+    assert cj.load(tmp_path / "m.cjx")["Dense_0"]["bias"].shape == (32,)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.cjx", *(p.name for p in outs)])
