@@ -67,7 +67,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[str]:
     try:
         st = os.stat(target)
         keep_mode = stat.S_IMODE(st.st_mode) & 0o777 if stat.S_ISREG(st.st_mode) else None
-    except FileNotFoundError:
+    except OSError:  # no such file (or an unusable path: os.open below names the error)
         keep_mode = None
     directory = os.path.dirname(target)
     while True:
