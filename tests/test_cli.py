@@ -7,12 +7,14 @@ subprocess (falling back to `python -m clusterjax._src.cli`); the other cases ca
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import pathlib
 import pickle
 import re
+import stat
 import subprocess
 import sys
 
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_atomic import MASKS, open_mode, umask
 from test_packing import bits_equal
 
 import clusterjax as cj
@@ -266,3 +269,152 @@ def test_progress_bar_on_a_terminal(checkpoint, tmp_path, monkeypatch, capsys):
                  "--quiet", "-o", str(out)]) == 0  # fmt: skip
     assert fake.getvalue().strip("\0") == ""
     assert "2 clustered leaves" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_every_output_gets_the_mode_of_a_plain_open(checkpoint, tmp_path, mask):
+    # Not 0o600: a team's shared folder, or a server running as another user, reads them.
+    outs = [tmp_path / f"d.{ext}" for ext in ("safetensors", "npz", "msgpack")]
+    with umask(mask):
+        assert cli("compress", checkpoint / "model.npz", "-k", "2", "--init", "linear", "-q",
+                   "-o", tmp_path / "m.cjx") == 0  # fmt: skip
+        for out in outs:
+            assert cli("decompress", tmp_path / "m.cjx", "-o", out) == 0
+        want = open_mode(tmp_path)
+    assert want == 0o666 & ~mask
+    for path in [tmp_path / "m.cjx", *outs]:
+        assert stat.S_IMODE(path.stat().st_mode) == want, path.name
+    assert cj.load(tmp_path / "m.cjx")["Dense_0"]["bias"].shape == (32,)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.cjx", *(p.name for p in outs)])
+
+
+# ---------------------------------------------------------------------------------------
+# A checkpoint like a real one (issue 17: all-MiniLM-L6-v2's model.safetensors): kernels
+# and an embedding to cluster, a tiny 2-row embedding, an int64 buffer, 1-D norms.
+
+_TINY = "embeddings.token_type_embeddings.weight"
+
+
+def _mixed_arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(17)
+
+    def f32(*shape):
+        return rng.normal(size=shape).astype(np.float32)
+
+    # Two clustered shapes only: each new shape costs seconds of compilation at K = 256.
+    return {
+        "embeddings.word_embeddings.weight": f32(64, 32),
+        # (2, 160): 320 weights >= K = 256, so the "fewer than K" rule keeps it, but
+        # 320 one-byte indices + a 1,024-byte table (1,344 B) outweigh its 1,280 float
+        # bytes; like the (2, 384) token-type table of MiniLM.
+        _TINY: f32(2, 160),
+        "embeddings.position_ids": np.arange(100, dtype=np.int64).reshape(1, 100),
+        "embeddings.LayerNorm.weight": 1 + 0.1 * f32(32),
+        "embeddings.LayerNorm.bias": 0.1 * f32(32),
+        "encoder.layer.0.intermediate.dense.weight": f32(64, 32),
+        "encoder.layer.0.intermediate.dense.bias": f32(64),
+    }
+
+
+def _run_main(*args) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli(*args)
+    return status, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """The checkpoint compressed as a new user would: `-k 256 --channel-axis 0`.
+
+    With `--init linear`: the default kmeans takes about a minute here at K = 256 (most of
+    it compiling), and the selection and the bytes do not depend on the init.
+    """
+    from safetensors.numpy import save_file
+
+    d = tmp_path_factory.mktemp("mixed")
+    save_file(_mixed_arrays(), str(d / "model.safetensors"))
+    status, out, err = _run_main(
+        "compress", d / "model.safetensors", "-k", "256", "--channel-axis", "0",
+        "--init", "linear", "--out", d / "m.cjx",
+    )  # fmt: skip
+    assert status == 0, err
+    return d, out, err
+
+
+def test_round_trip_of_a_mixed_safetensors_checkpoint(mixed, capsys):
+    from safetensors.numpy import load_file
+
+    d, out, err = mixed
+    arrays = _mixed_arrays()
+    assert "error" not in err and f"wrote {d / 'm.cjx'}" in out
+    # What the Python API gives for the same spec and seed (dotted keys stay flat).
+    spec = cj.ClusterSpec(num_clusters=256, init="linear", channel_axis=0)
+    state = cj.init(arrays, spec, key=jax.random.key(0))
+    expected = cj.strip(arrays, state)
+    clustered = {k for k, s in state.specs.items() if s is not None}
+    assert {"embeddings.word_embeddings.weight", "encoder.layer.0.intermediate.dense.weight"} <= (
+        clustered
+    )
+    assert not clustered & {k for k, v in arrays.items() if v.ndim == 1 or v.dtype.kind == "i"}
+
+    assert main(["inspect", str(d / "m.cjx"), "--json"]) == 0
+    rows = {r["path"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert sorted(rows) == sorted(arrays)
+    for key, value in arrays.items():
+        row = rows[key]
+        assert row["dtype"] == value.dtype.name and tuple(row["shape"]) == value.shape, key
+        assert row["original_bytes"] == value.nbytes, key  # int64: 8 bytes each
+        assert row["num_clusters"] == (256 if key in clustered else None), key
+        if key not in clustered:
+            assert row["packed_bytes"] == value.nbytes and row["compression_ratio"] == 1.0, key
+    assert main(["inspect", str(d / "m.cjx")]) == 0
+    text = capsys.readouterr().out
+    ids = next(line for line in text.splitlines() if line.startswith("embeddings.position_ids "))
+    assert "int64" in ids and ids.split()[-2] == "1.00x", ids  # not 0.50x of float32
+
+    assert main(["decompress", str(d / "m.cjx"), "-o", str(d / "dense.safetensors")]) == 0
+    assert "7 arrays" in capsys.readouterr().out
+    got = load_file(str(d / "dense.safetensors"))
+    assert sorted(got) == sorted(arrays)
+    for key, value in arrays.items():
+        assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+        assert bits_equal(got[key], expected[key]), key
+        if key in clustered:
+            assert len(np.unique(got[key])) <= 256, key
+        else:  # int buffer, norms, biases (and whatever else stays dense): untouched
+            assert bits_equal(got[key], value), key
+    assert bits_equal(got["embeddings.position_ids"], arrays["embeddings.position_ids"])
+
+
+def test_default_selection_keeps_a_tiny_leaf_dense(mixed):
+    d, out, err = mixed
+    packed = cj.load(d / "m.cjx", packed=True)
+    assert isinstance(packed[_TINY], np.ndarray)  # kept dense, not a PackedArray
+    assert bits_equal(packed[_TINY], _mixed_arrays()[_TINY])
+    # ... and the user is told once, in a warning or in the summary's footer (not only by
+    # the leaf's own table row, which starts with its path).
+    notes = [line for line in (err + out).splitlines() if _TINY in line]
+    assert any(not line.startswith(_TINY) for line in notes), err + out
+
+
+def test_an_explicit_rule_clusters_a_tiny_leaf(tmp_path):
+    from safetensors.numpy import save_file
+
+    arrays = _mixed_arrays()
+    save_file(arrays, str(tmp_path / "model.safetensors"))
+    rules = {re.escape(_TINY): {"num_clusters": 256}, ".*": None}
+    (tmp_path / "rules.json").write_text(json.dumps(rules))
+    status, _, err = _run_main(
+        "compress", tmp_path / "model.safetensors", "--rules", tmp_path / "rules.json",
+        "--init", "linear", "-o", tmp_path / "m.cjx",
+    )  # fmt: skip
+    assert status == 0, err
+    packed = cj.load(tmp_path / "m.cjx", packed=True)
+    assert isinstance(packed[_TINY], cj.PackedArray) and packed[_TINY].num_clusters == 256
+    assert all(isinstance(v, np.ndarray) for k, v in packed.items() if k != _TINY)
+    spec_rules = {
+        p: None if kw is None else cj.ClusterSpec(init="linear", **kw) for p, kw in rules.items()
+    }
+    expected = cj.strip(arrays, cj.init(arrays, spec_rules, key=jax.random.key(0)))
+    assert bits_equal(cj.load(tmp_path / "m.cjx")[_TINY], expected[_TINY])

@@ -144,6 +144,8 @@ def test_default_selection_keeps_leaves_dense_where_clustering_does_not_pay():
     assert "'bf16' (shape (16, 48): 1,792 packed bytes >= 1,536 dense bytes)" in message
     assert [lp.path for lp in state.plan.clustered] == ["big"]
     assert [p for p, _ in state.plan.kept_dense] == ["bf16", "tiny", "token_type"]
+    footer = str(cj.summary(params, state)).splitlines()[-1]
+    assert footer.startswith("kept dense") and "token_type (shape (2, 384)" in footer
     # An explicit rule still wins (and is an error where K exceeds the leaf).
     rules = {"token_type|bf16": spec, ".*": None}
     state = cj.init(params, rules, key=KEY)

@@ -11,6 +11,7 @@ import math
 import os
 import pathlib
 import pickle
+import stat
 import struct
 
 import jax
@@ -21,6 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import hand_state
+from test_atomic import MASKS, open_mode, umask
 from test_packing import bits_equal, cases, make_case, make_leaf, reference_tree
 
 import clusterjax as cj
@@ -179,6 +181,22 @@ def test_save_errors(workdir):
     assert not [p for p in os.listdir(workdir) if p.endswith(".tmp")]
     with pytest.raises(FileNotFoundError, match="no-such-dir"):
         cj.save(workdir / "no-such-dir" / "x.cjx", {"a": np.zeros(1)})
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_save_gives_the_mode_of_a_plain_open(tmp_path, mask):
+    # Not 0o600 as a tempfile.mkstemp would: a server running as another user reads it.
+    params = {"w": np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)}
+    state = cj.init(params, cj.ClusterSpec(num_clusters=4, init="linear"), key=jax.random.key(0))
+    with umask(mask):
+        cj.save(tmp_path / "m.cjx", params, state)
+        want = open_mode(tmp_path)
+    assert stat.S_IMODE(os.stat(tmp_path / "m.cjx").st_mode) == want == 0o666 & ~mask
+    os.chmod(tmp_path / "m.cjx", 0o640)  # a replaced file keeps its mode, as with open()
+    with umask(mask):
+        cj.save(tmp_path / "m.cjx", params, state)
+    assert stat.S_IMODE(os.stat(tmp_path / "m.cjx").st_mode) == 0o640
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
 # ---------------------------------------------------------------------------------------

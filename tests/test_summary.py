@@ -41,6 +41,8 @@ def _expected_row(params, state, name):
             "num_clusters": None,
             "sparsity": np.mean(w == 0),
             "packed_bytes": w.nbytes,
+            "original_bytes": w.nbytes,
+            "compression_ratio": 1.0,
             "relative_l2_error": 0.0,
         }
     dense = reference_strip(w, c, i, spec).astype(np.float64)
@@ -54,7 +56,8 @@ def _expected_row(params, state, name):
         "sparsity": np.mean(dense == 0),
         "packed_bytes": nbytes,
         "bits_per_weight": 8 * nbytes / n,
-        "compression_ratio": 4 * n / nbytes,
+        "original_bytes": w.nbytes,  # the leaf's own dtype: 2 bytes per bfloat16
+        "compression_ratio": w.nbytes / nbytes,
         "relative_l2_error": np.linalg.norm(dense - wf) / np.linalg.norm(wf),
     }
 
@@ -85,10 +88,13 @@ def test_totals(case, tmp_path):
     assert t["packed_bytes"] == sum(r["packed_bytes"] for r in report.rows)
     assert t["float32_bytes"] == sum(r["float32_bytes"] for r in report.rows)
     assert t["weights"] == sum(np.size(w) for w in params.values())
+    assert t["float32_bytes"] == 4 * t["weights"]
+    original = sum(np.asarray(w).nbytes for w in params.values())
+    assert t["original_bytes"] == original == sum(r["original_bytes"] for r in report.rows)
     assert t["clustered_leaves"] == 4
-    assert t["compression_ratio"] == pytest.approx(t["float32_bytes"] / t["packed_bytes"])
+    assert t["compression_ratio"] == pytest.approx(original / t["packed_bytes"])
     assert t["file_bytes"] == cj.save(tmp_path / "m.cjx", params, state)
-    assert t["file_compression_ratio"] == pytest.approx(t["float32_bytes"] / t["file_bytes"])
+    assert t["file_compression_ratio"] == pytest.approx(original / t["file_bytes"])
     dense = cj.strip(params, state)
     clustered = [n for n in params if state.specs[n] is not None]
     err2 = sum(
@@ -170,3 +176,67 @@ def test_with_a_real_init():
     assert 8 <= w["distinct_values"] <= 8 * 32
     assert w["packed_bytes"] == 64 * 32 * 3 // 8 + 32 * 8 * 4
     assert 0 < w["relative_l2_error"] < 0.2
+
+
+def test_each_leaf_is_compared_with_its_own_bytes(tmp_path):
+    # A dense leaf of any dtype stays itself: ratio 1.00x (an int64 buffer is 8 bytes
+    # per element, not "0.50x of float32"). The bytes below are counted by hand.
+    rng = np.random.default_rng(1)
+    params, state = make_case(
+        rng,
+        {
+            "emb": dict(shape=(32, 16), dtype="bfloat16", k=4),
+            "position_ids": np.arange(100, dtype=np.int64).reshape(1, 100),
+            "steps": np.arange(7, dtype=np.int32),
+            "flags": np.ones((3, 5), bool),
+            "scale": np.ones(10, jnp.bfloat16),
+            "half": np.ones((4, 4), np.float16),
+        },
+    )
+    report = cj.summary(params, state)
+    rows = {r["path"]: r for r in report.rows}
+    dense = {  # name: (weights, bytes per weight)
+        "position_ids": (100, 8), "steps": (7, 4), "flags": (15, 1), "scale": (10, 2),
+        "half": (16, 2),
+    }  # fmt: skip
+    for name, (n, itemsize) in dense.items():
+        row = rows[name]
+        assert row["num_clusters"] is None, name
+        assert row["packed_bytes"] == row["original_bytes"] == n * itemsize, name
+        assert row["compression_ratio"] == 1.0, name
+        assert row["bits_per_weight"] == 8 * itemsize, name
+        assert row["float32_bytes"] == 4 * n, name
+    # bfloat16 kernel, 512 weights at K = 4: 2 bits each plus a float32 table of 4.
+    emb = rows["emb"]
+    packed = 512 * 2 // 8 + 4 * 4
+    assert (emb["packed_bytes"], emb["original_bytes"], emb["float32_bytes"]) == (
+        packed, 512 * 2, 512 * 4,
+    )  # fmt: skip
+    assert emb["compression_ratio"] == pytest.approx(1024 / packed)
+    t = report.totals
+    original = 512 * 2 + sum(n * size for n, size in dense.values())
+    assert t["original_bytes"] == original
+    assert t["packed_bytes"] == packed + sum(n * size for n, size in dense.values())
+    assert t["float32_bytes"] == 4 * (512 + sum(n for n, _ in dense.values()))
+    assert t["compression_ratio"] == pytest.approx(original / t["packed_bytes"])
+    assert t["file_compression_ratio"] == pytest.approx(
+        original / cj.save(tmp_path / "m.cjx", params, state)
+    )
+    # The table shows the same: a column named for what it holds, 1.00x for kept leaves.
+    lines = str(report).splitlines()
+    header = lines[0]
+    assert "original B" in header and "float32" not in header
+    column = header.index("original B") + len("original B")  # numbers are right-aligned
+    for name, (n, itemsize) in dense.items():
+        line = next(line for line in lines if line.startswith(name + " "))
+        assert line[:column].endswith(f"{n * itemsize:,}"), line
+        assert line.split()[-2] == "1.00x", line
+    assert lines[-1].split("; ")[1] == (
+        f"{t['packed_bytes']:,} bytes packed vs {original:,} original: "
+        f"{original / t['packed_bytes']:.2f}x"
+    )
+    # A packed file holds the dtypes, so inspecting it gives the same bytes.
+    from_file = cj.summary(cj.load(tmp_path / "m.cjx", packed=True))
+    assert [(r["original_bytes"], r["compression_ratio"]) for r in from_file.rows] == [
+        (r["original_bytes"], r["compression_ratio"]) for r in report.rows
+    ]

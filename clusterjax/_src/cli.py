@@ -147,7 +147,8 @@ def write_checkpoint(path: str, tree: Any) -> int:
     """Writes nested dicts of arrays as `.safetensors`, `.npz` or `.msgpack`; returns #arrays.
 
     Nested keys are joined with '/' for the flat formats (the keys `read_checkpoint`
-    splits again).
+    splits again). The write is atomic and the file gets the permissions of a plain
+    `open(path, "wb")` (see `clusterjax/_src/atomic.py`).
 
     Example:
       >>> import os, tempfile, numpy as np
@@ -158,29 +159,33 @@ def write_checkpoint(path: str, tree: Any) -> int:
       >>> read_checkpoint(path)["Dense_0"]["kernel"].dtype
       dtype('float32')
     """
+    from clusterjax._src.atomic import atomic_write
+
     lower = path.lower()
     flat = {k: np.asarray(v, order="C") for k, v in _flatten(tree).items()}  # keeps 0-d
-    if lower.endswith(".safetensors"):
-        from safetensors.numpy import save_file
-
-        save_file(flat, path)
-    elif lower.endswith(".npz"):
+    if not lower.endswith(_OUTPUTS):
+        raise CLIError(f"unsupported output {path!r}: use a {', '.join(_OUTPUTS)} file")
+    if lower.endswith(".npz"):
         bf16 = [k for k, v in flat.items() if v.dtype.name == "bfloat16"]
         if bf16:
             raise CLIError(
                 f"{path}: .npz cannot hold bfloat16 (NumPy reads it back as raw bytes), "
                 f"e.g. {bf16[0]!r}; write .safetensors or .msgpack instead"
             )
-        with open(path, "wb") as f:
-            np.savez(f, **flat)
-    elif lower.endswith(".msgpack"):
-        from flax import serialization
+    with atomic_write(path) as tmp:
+        if lower.endswith(".safetensors"):
+            from safetensors.numpy import save_file
 
-        nested = tree if isinstance(tree, dict) else {"array": tree}
-        with open(path, "wb") as f:
-            f.write(serialization.msgpack_serialize(nested))
-    else:
-        raise CLIError(f"unsupported output {path!r}: use a {', '.join(_OUTPUTS)} file")
+            save_file(flat, tmp)
+        elif lower.endswith(".npz"):
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to tmp
+                np.savez(f, **flat)
+        else:
+            from flax import serialization
+
+            nested = tree if isinstance(tree, dict) else {"array": tree}
+            with open(tmp, "wb") as f:
+                f.write(serialization.msgpack_serialize(nested))
     return len(flat)
 
 
@@ -305,7 +310,7 @@ def _compress(args: argparse.Namespace) -> int:
         state = core.init_from_plan(params, plan, key=jax.random.key(args.seed), on_leaf=on_leaf)
     packed = packing.pack(params, state)
     nbytes = fileformat.save(args.out, packed)
-    print(summary._summarize(packed, dict(flat)))
+    print(summary._summarize(packed, dict(flat), summary.kept_dense_notes(plan)))
     print(f"wrote {args.out} ({nbytes:,} bytes)")
     return 0
 

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from typing import Any
 
 import jax
@@ -33,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clusterjax._src import core
+from clusterjax._src.atomic import atomic_write
 from clusterjax._src.packing import MAX_BITS, PackedArray, is_packed, pack, packed_nbytes
 from clusterjax._src.packing import unpack_bits as _unpack_bits
 from clusterjax._src.spec import GRANULARITIES, index_bits
@@ -166,6 +166,10 @@ def save(
 ) -> int:
     """Writes a packed model to `path` (atomically: a temporary file, then a rename).
 
+    The file gets the permissions `open(path, "wb")` would give it: `0o666` minus the
+    umask for a new file, the old permission bits for a replaced one (details:
+    `clusterjax/_src/atomic.py`).
+
     Clustered leaves are stored bit-packed with their centroid tables; every other array
     leaf is stored as it is (dtypes: float64/32/16, bfloat16, (u)int8-64, bool). `None`
     leaves are dropped. The format is described in BUILD.md, "Packed file format".
@@ -197,26 +201,14 @@ def save(
     """
     packed = pack(packed_or_params, state) if state is not None else packed_or_params
     header, blobs, data_nbytes = _plan(packed)
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".clusterjax-", suffix=".tmp", dir=directory)
-    except OSError as err:  # report the file the user named, not the temporary one
-        raise OSError(err.errno, err.strerror, path) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_PREFIX.pack(MAGIC, VERSION, len(header)))
-            f.write(header)
-            end = 0
-            for offset, arr in blobs:
-                f.write(b"\0" * (offset - end))
-                f.write(memoryview(arr.reshape(-1).view(np.uint8)))
-                end = offset + arr.nbytes
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        f.write(_PREFIX.pack(MAGIC, VERSION, len(header)))
+        f.write(header)
+        end = 0
+        for offset, arr in blobs:
+            f.write(b"\0" * (offset - end))
+            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+            end = offset + arr.nbytes
     return _PREFIX.size + len(header) + data_nbytes
 
 

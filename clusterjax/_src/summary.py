@@ -7,10 +7,12 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from clusterjax._src import core
 from clusterjax._src.packing import PackedArray, is_packed, pack
+from clusterjax._src.plan import Plan
 from clusterjax._src.tree import leaves_with_paths, path_str
 
 PyTree = Any
@@ -26,7 +28,7 @@ _COLUMNS = (
     ("sparsity", "sparsity", "{:.3f}"),
     ("bits/w", "bits_per_weight", "{:.2f}"),
     ("packed B", "packed_bytes", "{:,}"),
-    ("float32 B", "float32_bytes", "{:,}"),
+    ("original B", "original_bytes", "{:,}"),
     ("ratio", "compression_ratio", "{:.2f}x"),
     ("rel L2 err", "relative_l2_error", "{:.4f}"),
 )
@@ -41,17 +43,27 @@ class Summary:
       rows: one dict per array leaf, in tree order, with keys `path` ('/'-joined),
         `shape` (tuple), `dtype`, `num_clusters` (K; `None` for a dense leaf),
         `granularity`, `bits` (index bits), `distinct_values` (distinct values of the
-        clustered weight), `sparsity` (fraction of exact zeros), `bits_per_weight`,
-        `packed_bytes` (what the file stores for the leaf: bit-packed indices plus
-        tables, or the dense array), `float32_bytes` (4 per element),
-        `compression_ratio` (float32 / packed) and `relative_l2_error`
+        clustered weight), `sparsity` (fraction of exact zeros), `bits_per_weight`
+        (of the packed bytes), `packed_bytes` (what the file stores for the leaf:
+        bit-packed indices plus tables, or the dense array), `original_bytes` (the
+        leaf as a dense array of its own dtype: 2 bytes per element for bfloat16, 8 for
+        int64), `compression_ratio` (original / packed: 1.0 for a dense leaf),
+        `float32_bytes` (4 per element, whatever the dtype: the size of a float32 copy,
+        for comparisons with float32 baselines) and `relative_l2_error`
         (`||clustered - w|| / ||w||`; 0 for dense leaves, `None` when the original
         weights are unknown, as for a packed file).
       totals: `weights`, `clustered_leaves`, `clustered_weights`, `packed_bytes`,
-        `float32_bytes`, `file_bytes` (the exact size of the file `clusterjax.save`
-        writes, header included), `bits_per_weight`, `compression_ratio`
-        (float32 bytes / packed bytes), `file_compression_ratio` (float32 bytes / file
-        bytes) and `relative_l2_error` over all clustered weights (or `None`).
+        `original_bytes`, `float32_bytes` (sums of the rows), `file_bytes` (the exact
+        size of the file `clusterjax.save` writes, header included),
+        `bits_per_weight`, `compression_ratio` (original bytes / packed bytes),
+        `file_compression_ratio` (original bytes / file bytes) and
+        `relative_l2_error` over all clustered weights (or `None`).
+
+      notes: lines printed below the table, e.g. the default-selected leaves that were
+        kept dense because clustering would not make them smaller.
+
+    The table prints these rows: its `packed B` and `original B` columns are
+    `packed_bytes` and `original_bytes`, `ratio` is `compression_ratio`.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -63,11 +75,12 @@ class Summary:
       >>> report.rows[1]["path"], report.rows[1]["packed_bytes"], report.rows[1]["bits"]
       ('w', 2064, 2)
       >>> print(str(report).splitlines()[0])
-      path   shape   dtype    K  granularity  distinct  sparsity  bits/w  packed B  float32 B   ratio  rel L2 err
+      path   shape   dtype    K  granularity  distinct  sparsity  bits/w  packed B  original B   ratio  rel L2 err
     """  # noqa: E501
 
     rows: list[dict[str, Any]]
     totals: dict[str, Any]
+    notes: tuple[str, ...] = ()
 
     def to_text(self) -> str:
         """The aligned text table (the same as `str(summary)`)."""
@@ -78,7 +91,7 @@ class Summary:
             "shape": f"{t['weights']:,} weights",
             "bits_per_weight": t["bits_per_weight"],
             "packed_bytes": t["packed_bytes"],
-            "float32_bytes": t["float32_bytes"],
+            "original_bytes": t["original_bytes"],
             "compression_ratio": t["compression_ratio"],
             "relative_l2_error": t["relative_l2_error"],
         }
@@ -99,9 +112,10 @@ class Summary:
         lines.append(
             f"{t['clustered_leaves']} clustered leaves ({t['clustered_weights']:,} of "
             f"{t['weights']:,} weights); {t['packed_bytes']:,} bytes packed vs "
-            f"{t['float32_bytes']:,} float32: {t['compression_ratio']:.2f}x; "
+            f"{t['original_bytes']:,} original: {t['compression_ratio']:.2f}x; "
             f"file {t['file_bytes']:,} bytes: {t['file_compression_ratio']:.2f}x"
         )
+        lines.extend(self.notes)
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -148,6 +162,7 @@ def _leaf_row(path: str, leaf: Any, original: Any | None) -> tuple[dict[str, Any
             "relative_l2_error": err,
         }
         shape, dtype = leaf.shape, leaf.dtype
+        original_bytes = n * jnp.dtype(leaf.dtype).itemsize
     else:
         arr = np.asarray(leaf)
         n, packed_bytes = arr.size, int(arr.nbytes)
@@ -160,6 +175,7 @@ def _leaf_row(path: str, leaf: Any, original: Any | None) -> tuple[dict[str, Any
             "relative_l2_error": 0.0,
         }
         shape, dtype = tuple(arr.shape), arr.dtype.name
+        original_bytes = int(arr.nbytes)
     row = {
         "path": path,
         "shape": shape,
@@ -167,8 +183,9 @@ def _leaf_row(path: str, leaf: Any, original: Any | None) -> tuple[dict[str, Any
         **row,
         "bits_per_weight": 8.0 * packed_bytes / n if n else 0.0,
         "packed_bytes": int(packed_bytes),
+        "original_bytes": int(original_bytes),
+        "compression_ratio": original_bytes / packed_bytes if packed_bytes else None,
         "float32_bytes": 4 * n,
-        "compression_ratio": 4 * n / packed_bytes if packed_bytes else None,
     }
     return row, err2, norm2
 
@@ -180,7 +197,17 @@ def _ratio(err2: float, norm2: float) -> float:
     return 0.0 if err2 == 0 else math.inf
 
 
-def _summarize(packed: PyTree, originals: dict[str, Any] | None) -> Summary:
+def kept_dense_notes(plan: Plan) -> tuple[str, ...]:
+    """The footer line naming the leaves `plan` kept dense by default, if any."""
+    if not plan.kept_dense:
+        return ()
+    listed = "; ".join(f"{path} ({why})" for path, why in plan.kept_dense)
+    return (f"kept dense (clustering would not make them smaller): {listed}",)
+
+
+def _summarize(
+    packed: PyTree, originals: dict[str, Any] | None, notes: tuple[str, ...] = ()
+) -> Summary:
     """Rows and totals of a packed tree; `originals` maps paths to the dense weights."""
     from clusterjax._src.fileformat import file_size
 
@@ -194,21 +221,22 @@ def _summarize(packed: PyTree, originals: dict[str, Any] | None) -> Summary:
     weights = sum(math.prod(r["shape"]) for r in rows)
     clustered = [r for r in rows if r["num_clusters"] is not None]
     packed_bytes = sum(r["packed_bytes"] for r in rows)
-    f32 = sum(r["float32_bytes"] for r in rows)
+    original = sum(r["original_bytes"] for r in rows)
     fbytes = file_size(packed)
     totals = {
         "weights": weights,
         "clustered_leaves": len(clustered),
         "clustered_weights": sum(math.prod(r["shape"]) for r in clustered),
         "packed_bytes": packed_bytes,
-        "float32_bytes": f32,
+        "original_bytes": original,
+        "float32_bytes": 4 * weights,
         "file_bytes": fbytes,
         "bits_per_weight": 8.0 * packed_bytes / weights if weights else 0.0,
-        "compression_ratio": f32 / packed_bytes if packed_bytes else 0.0,
-        "file_compression_ratio": f32 / fbytes,
+        "compression_ratio": original / packed_bytes if packed_bytes else 0.0,
+        "file_compression_ratio": original / fbytes,
         "relative_l2_error": None if originals is None else _ratio(err2, norm2),
     }
-    return Summary(rows=rows, totals=totals)
+    return Summary(rows=rows, totals=totals, notes=notes)
 
 
 def summary(params_or_packed: PyTree, state: core.ClusterState | None = None) -> Summary:
@@ -216,8 +244,11 @@ def summary(params_or_packed: PyTree, state: core.ClusterState | None = None) ->
 
     Packed bytes are what `clusterjax.save` stores for each leaf (bit-packed indices plus
     centroid tables; dense leaves at their own dtype); `totals["file_bytes"]` is the
-    exact file size, header included. The relative L2 error compares the clustered
-    weight with the dense one, `||strip(w) - w|| / ||w||` (in float64).
+    exact file size, header included. Compression ratios compare with the leaves' own
+    bytes (`original_bytes`: a bfloat16 leaf at 2 bytes per weight, an int64 buffer at
+    8), so a leaf kept dense has ratio 1.0 whatever its dtype. The relative L2 error
+    compares the clustered weight with the dense one, `||strip(w) - w|| / ||w||` (in
+    float64).
 
     Args:
       params_or_packed: dense params (then pass `state`), or a packed tree from
@@ -244,4 +275,4 @@ def summary(params_or_packed: PyTree, state: core.ClusterState | None = None) ->
         return _summarize(params_or_packed, None)
     packed = pack(params_or_packed, state)
     originals = {p: w for p, w in leaves_with_paths(params_or_packed) if w is not None}
-    return _summarize(packed, originals)
+    return _summarize(packed, originals, kept_dense_notes(state.plan))
