@@ -130,7 +130,7 @@ def test_default_selection_keeps_leaves_dense_where_clustering_does_not_pay():
     params = {
         "token_type": jax.random.normal(KEY, (2, 384)),  # 768 weights < 4 x 256
         "tiny": jnp.ones((2, 2)),  # fewer weights than K
-        "bf16": jax.random.normal(KEY, (16, 48), jnp.bfloat16),  # 8-bit indices + table
+        "bf16": jax.random.normal(KEY, (16, 64), jnp.bfloat16),  # 8-bit indices + table
         "big": jax.random.normal(KEY, (64, 384)),
     }
     spec = cj.ClusterSpec(num_clusters=256)
@@ -140,8 +140,8 @@ def test_default_selection_keeps_leaves_dense_where_clustering_does_not_pay():
     message = str(record[0].message)
     assert "'token_type' (shape (2, 384): 768 weights < 4 x K = 1024)" in message
     assert "'tiny' (shape (2, 2): 4 weights < K = 256)" in message
-    # bf16: 768 B of 8-bit indices + 1,024 B float32 table >= 1,536 B of bf16 weights.
-    assert "'bf16' (shape (16, 48): 1,792 packed bytes >= 1,536 dense bytes)" in message
+    # bf16: 1,024 B of 8-bit indices + 1,024 B float32 table >= 2,048 B of bf16 weights.
+    assert "'bf16' (shape (16, 64): 2,048 packed bytes >= 2,048 dense bytes)" in message
     assert [lp.path for lp in state.plan.clustered] == ["big"]
     assert [p for p, _ in state.plan.kept_dense] == ["bf16", "tiny", "token_type"]
     footer = str(cj.summary(params, state)).splitlines()[-1]
