@@ -381,6 +381,7 @@ def log_probs(
     under `jax.lax.scan` over the leading axis of `params["blocks"]`; the output head is
     `params["head"]` if present, else the transposed embedding (tied). `weight_fn` is a
     static argument: pass a module-level function (a new lambda per call recompiles).
+    NumPy params are copied to the device at every call: `jax.device_put` them once.
 
     Example:
       >>> c = LlamaConfig(vocab=11, dim=8, layers=2, heads=2, kv_heads=1, hidden=16)
@@ -524,6 +525,7 @@ def perplexity(
       11.0
     """
     tokens = np.asarray(tokens, np.int32)
+    params = jax.device_put(params)  # once, not once per batch
     total, count = 0.0, 0
     for start in range(0, len(tokens), batch_size):
         chunk = tokens[start : start + batch_size]
