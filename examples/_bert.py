@@ -9,8 +9,8 @@ averaged over the non-padding tokens, then L2-normalized.
 `params` is the flat dict of the safetensors file, keyed by its own names
 (`"encoder.layer.0.attention.self.query.weight"`, ...), with PyTorch's `(out, in)` layout:
 `y = x @ w.T + b`, the output channel is axis 0. `encoder_matrices` lists the 36 matrices
-issue 15 clusters; every matrix goes through `weight_fn` where it is used (`materialize`:
-the identity on arrays, `unpack()` on a `PackedArray`).
+issue 15 clusters; every matrix (embeddings too) goes through `weight_fn` where it is
+used (default `cj.unpack`: the identity on arrays, `unpack()` on a `PackedArray`).
 
 Run `python examples/_bert.py` to print load and encoding times and a similarity check
 (see examples/README.md).
@@ -33,6 +33,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import clusterjax as cj
 
 PyTree = Any
 
@@ -72,17 +74,6 @@ class BertConfig:
     def head_dim(self) -> int:
         """Width of one attention head, `hidden // heads`."""
         return self.hidden // self.heads
-
-
-def materialize(leaf):
-    """The default `weight_fn`: a dense array as is, a `PackedArray` expanded (`unpack()`).
-
-    Example:
-      >>> materialize(np.ones(2))
-      array([1., 1.])
-    """
-    unpack = getattr(leaf, "unpack", None)
-    return unpack() if callable(unpack) else leaf
 
 
 # ----------------------------------------------------------------------------- loading
@@ -200,7 +191,7 @@ def encoder_layer(
     x: jax.Array,
     mask: jax.Array,
     config: BertConfig,
-    weight_fn: Callable = materialize,
+    weight_fn: Callable = cj.unpack,
 ) -> jax.Array:
     """One post-norm BERT layer on `x (B, T, H)`; `mask (B, T)` is 1 at real tokens.
 
@@ -255,7 +246,7 @@ def hidden_states(
     ids: jax.Array,
     mask: jax.Array,
     config: BertConfig,
-    weight_fn: Callable = materialize,
+    weight_fn: Callable = cj.unpack,
 ) -> jax.Array:
     """The encoder's last hidden states `(B, T, H)` for token ids and mask `(B, T)`.
 
@@ -288,7 +279,7 @@ def embed(
     ids: jax.Array,
     mask: jax.Array,
     config: BertConfig,
-    weight_fn: Callable = materialize,
+    weight_fn: Callable = cj.unpack,
 ) -> jax.Array:
     """Sentence embeddings `(B, H)`: masked mean of the last hidden states, L2-normalized.
 
@@ -313,7 +304,7 @@ def encode(
     tokenizer,
     texts: list[str],
     *,
-    weight_fn: Callable = materialize,
+    weight_fn: Callable = cj.unpack,
     batch_size: int = 64,
 ) -> np.ndarray:
     """Embeddings `(len(texts), H)` float32 of `texts` (in their order), in batches.

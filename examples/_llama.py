@@ -10,9 +10,10 @@ here is plain JAX / NumPy:
   and merges.
 * `log_probs` is the jitted forward pass. The 30 blocks are stacked along a leading axis
   and run with `jax.lax.scan`, and every parameter goes through `weight_fn` where the
-  layer uses it: `materialize` (the default) is the identity on arrays and
+  layer uses it: the default `cj.unpack` is the identity on arrays and
   `PackedArray.unpack()` on packed leaves, so a model whose blocks hold packed weights
-  expands one layer's weights at a time inside `jit`.
+  (one `PackedArray` per layer, stacked with `stack_layers`) expands one layer's weights
+  at a time inside `jit`.
 * `perplexity`, `kl_to_reference`, `split_text` / `windows` (text from CPython's own
   `pydoc_data.topics`) and `rtn` / `rtn_params` (the round-to-nearest baseline) are the
   evaluation pieces of issue 18.
@@ -41,6 +42,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import clusterjax as cj
 
 PyTree = Any
 
@@ -265,17 +268,6 @@ def stack_layers(per_layer: list[PyTree]) -> PyTree:
     return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_layer)
 
 
-def materialize(leaf):
-    """The default `weight_fn`: a dense array as is, a `PackedArray` expanded (`unpack()`).
-
-    Example:
-      >>> materialize(np.ones(2))
-      array([1., 1.])
-    """
-    unpack = getattr(leaf, "unpack", None)
-    return unpack() if callable(unpack) else leaf
-
-
 # ----------------------------------------------------------------------------- forward
 
 
@@ -338,7 +330,7 @@ def block(
     x: jax.Array,
     positions: jax.Array,
     config: LlamaConfig,
-    weight_fn: Callable = materialize,
+    weight_fn: Callable = cj.unpack,
 ) -> jax.Array:
     """One pre-norm Llama block on `x (B, T, D)`: attention then SwiGLU MLP, residuals.
 
@@ -373,7 +365,7 @@ def log_probs(
     params: PyTree,
     tokens: jax.Array,
     config: LlamaConfig,
-    weight_fn: Callable = materialize,
+    weight_fn: Callable = cj.unpack,
 ) -> jax.Array:
     """Next-token log-probabilities `(B, T, V)` (float32) for `tokens (B, T)`.
 
@@ -510,7 +502,7 @@ def perplexity(
     tokens,
     config: LlamaConfig,
     *,
-    weight_fn: Callable = materialize,
+    weight_fn: Callable = cj.unpack,
     batch_size: int = 8,
 ) -> float:
     """`exp(mean NLL)` over every predicted token of the windows `tokens (N, T)`.
