@@ -23,11 +23,13 @@ def nearest_reference(x, tables, groups=None):
     return np.argmax(hit, axis=-1)
 
 
-def hand_state(params, centroids, indices, masks, specs):
+def hand_state(params, centroids, indices, masks, specs, outliers=None):
     """A `ClusterState` assembled by hand from BUILD.md's data layout.
 
     `specs` has params' structure with a `ClusterSpec` or `None` per leaf. The plan is
     built directly (not by `cj.init`'s rule checks), so tests can use any K on any leaf.
+    `outliers`: `None`, or params' structure with sorted int32 positions where a spec
+    keeps outliers.
     """
     import jax
 
@@ -47,4 +49,13 @@ def hand_state(params, centroids, indices, masks, specs):
         axis = None if tensor else spec.channel_axis % np.ndim(w)
         leaves.append(LeafPlan(path, spec, tuple(np.shape(w)), axis, spec.group_size or 1))
     plan = Plan(tuple(p for p, _ in flat), tuple(leaves))
-    return cj.ClusterState(centroids, indices, masks, plan)
+    return cj.ClusterState(centroids, indices, masks, plan, outliers)
+
+
+def outlier_reference(w, positions):
+    """The stored value of outliers: float16 (round to nearest even) of the weight
+    clipped to float16's finite range, cast back to the weight's dtype (NumPy)."""
+    w = np.asarray(w)
+    big = np.finfo(np.float16).max
+    v = np.clip(w.reshape(-1)[np.asarray(positions)].astype(np.float32), -big, big)
+    return v.astype(np.float16).astype(w.dtype)

@@ -64,6 +64,10 @@ def test_load_of_save_equals_strip_bit_for_bit(workdir, case):
             got = packed[name]
             assert isinstance(got, cj.PackedArray) and repr(got) == repr(leaf)
             assert bits_equal(got.packed, leaf.packed) and bits_equal(got.tables, leaf.tables)
+            assert (got.outlier_positions is None) == (leaf.outlier_positions is None)
+            if leaf.outlier_positions is not None:
+                assert bits_equal(got.outlier_positions, leaf.outlier_positions)
+                assert bits_equal(got.outlier_values, leaf.outlier_values)
         else:
             assert bits_equal(packed[name], leaf)
 
@@ -206,7 +210,7 @@ def test_save_gives_the_mode_of_a_plain_open(tmp_path, mask):
 def spec_reader(blob: bytes) -> dict:
     """A reader written from BUILD.md alone (np.unpackbits for the bit stream)."""
     magic, version, hlen = struct.unpack_from("<8sIQ", blob, 0)
-    assert magic == b"CLUSTJAX" and version == 1 and (20 + hlen) % 8 == 0
+    assert magic == b"CLUSTJAX" and version in (1, 2) and (20 + hlen) % 8 == 0
     header = json.loads(blob[20 : 20 + hlen])
     data = blob[20 + hlen :]
     assert len(data) == header["data_nbytes"]
@@ -239,7 +243,16 @@ def spec_reader(blob: bytes) -> dict:
                 [-1 if d == axis else 1 for d in range(len(shape))]
             )
             group = np.broadcast_to(pos // e["group_size"], shape)
-        out[name] = table[group, idx].astype(dtype(e["dtype"]))
+        value = table[group, idx].astype(dtype(e["dtype"]))
+        if "outliers" in e:  # version 2: COO positions (int32) and values (float16)
+            assert version == 2
+            o = e["outliers"]
+            pos = np.frombuffer(data, "<i4", count=o["count"], offset=o["positions_offset"])
+            val = np.frombuffer(data, "<f2", count=o["count"], offset=o["values_offset"])
+            value = value.reshape(-1)
+            value[pos] = val.astype(dtype(e["dtype"]))
+            value = value.reshape(shape)
+        out[name] = value
     return out
 
 
@@ -263,6 +276,30 @@ def test_an_independent_reader_of_the_documented_layout(workdir):
     entry = next(e for e in header["leaves"] if e["path"] == ["g"])
     assert entry["granularity"] == "group" and entry["group_size"] == 4
     assert entry["table_shape"] == [2, 256] and entry["bits"] == 8
+    assert struct.unpack_from("<I", blob, 8)[0] == 1  # no outliers: version 1
+
+
+def test_an_independent_reader_of_version_2(workdir):
+    params, state = make_case(
+        np.random.default_rng(14),
+        {
+            "o": dict(shape=(9, 7), dtype="float32", k=5, granularity="channel", outliers=0.1),
+            "b": dict(shape=(4, 6), dtype="bfloat16", k=2, outliers=0.2, sparse=True),
+            "t": dict(shape=(3, 5), dtype="float16", k=3),
+        },
+    )
+    cj.save(workdir / "v2.cjx", params, state)
+    blob = (workdir / "v2.cjx").read_bytes()
+    assert struct.unpack_from("<I", blob, 8)[0] == 2
+    got = spec_reader(blob)
+    for name, want in _flat(cj.strip(params, state)).items():
+        assert bits_equal(got[name], want), name
+    entry = next(e for e in read_header(blob)["leaves"] if e["path"] == ["o"])
+    assert entry["outliers"]["count"] == 6 and "outliers" not in _clustered_named(blob, "t")
+
+
+def _clustered_named(blob, name):
+    return next(e for e in read_header(blob)["leaves"] if e["path"] == [name])
 
 
 # ---------------------------------------------------------------------------------------
@@ -278,6 +315,24 @@ def blob(workdir):
     )
     cj.save(workdir / "small.cjx", params, state)
     return (workdir / "small.cjx").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def blob2(workdir):
+    """A small valid version-2 file: a clustered leaf with 3 outliers, and a dense one."""
+    params, state = make_case(
+        np.random.default_rng(6),
+        {
+            "w": dict(shape=(6, 5), dtype="float32", k=3, outliers=0.1),
+            "b": np.arange(3, dtype=np.float32),
+        },
+    )
+    cj.save(workdir / "small2.cjx", params, state)
+    return (workdir / "small2.cjx").read_bytes()
+
+
+def _outliers(header):
+    return _clustered(header)["outliers"]
 
 
 def _split(blob):
@@ -308,10 +363,11 @@ def test_the_small_file_is_valid(blob):
     assert loads(_join(header, data)).keys() == out.keys()  # the helpers are faithful
 
 
-def test_every_truncation_is_rejected(blob):
-    for cut in range(len(blob)):
-        with pytest.raises(cj.FormatError):
-            loads(blob[:cut])
+def test_every_truncation_is_rejected(blob, blob2):
+    for b in (blob, blob2):
+        for cut in range(len(b)):
+            with pytest.raises(cj.FormatError):
+                loads(b[:cut])
 
 
 def test_appended_bytes_are_rejected(blob):
@@ -323,8 +379,9 @@ def test_wrong_magic_and_versions(blob):
     with pytest.raises(cj.FormatError, match="not a clusterjax file: magic"):
         loads(b"NOTCLUST" + blob[8:])
     header, data = _split(blob)
-    with pytest.raises(cj.FormatError, match="version 2.*newer clusterjax"):
-        loads(_join(header, data, version=2))
+    with pytest.raises(cj.FormatError, match="version 3.*newer clusterjax"):
+        loads(_join(header, data, version=3))
+    assert bits_equal(loads(_join(header, data, version=2))["w"], loads(blob)["w"])
     with pytest.raises(cj.FormatError, match="unsupported clusterjax format version 0"):
         loads(_join(header, data, version=0))
 
@@ -458,11 +515,87 @@ def test_unparseable_headers(raw, fragment):
         loads(struct.pack("<8sIQ", MAGIC, 1, len(raw)) + raw)
 
 
-def _with_data(blob, edit):
+def _with_data(blob, edit, version=1):
     header, data = _split(blob)
     data = bytearray(data)
     edit(header, data)
-    return _join(header, bytes(data))
+    return _join(header, bytes(data), version=version)
+
+
+def test_the_small_version_2_file_is_valid(blob2):
+    out = loads(blob2, packed=True)
+    assert struct.unpack_from("<I", blob2, 8)[0] == 2 and out["w"].num_outliers == 3
+    header, data = _split(blob2)
+    assert _outliers(header)["count"] == 3
+    assert bits_equal(loads(_join(header, data, version=2))["w"], loads(blob2)["w"])
+    with pytest.raises(cj.FormatError, match="part 'outliers' needs format version 2"):
+        loads(_join(header, data, version=1))
+
+
+@pytest.mark.parametrize(
+    "mutate, fragment",
+    [
+        (lambda h: _outliers(h).update(count=5), "positions_nbytes=12 does not match 5"),
+        (lambda h: _outliers(h).update(count=0), "count 0 must be an integer in"),
+        (lambda h: _outliers(h).update(count=31), "count 31 must be an integer in"),
+        (lambda h: _outliers(h).update(count=True), "count True"),
+        (lambda h: _outliers(h).update(count=3.0), "count 3.0"),
+        (lambda h: _outliers(h).update(positions_dtype="int64"), "positions_dtype 'int64'"),
+        (lambda h: _outliers(h).update(values_dtype="float32"), "values_dtype 'float32'"),
+        (lambda h: _outliers(h).update(values_dtype=None), "values_dtype None"),
+        (lambda h: _outliers(h).update(positions_offset=8), "positions_offset=8, expected"),
+        (lambda h: _outliers(h).update(values_nbytes=8), "values_nbytes=8"),
+        (lambda h: _outliers(h).update(values_offset="1"), "must be integers"),
+        (lambda h: _outliers(h).update(extra=1), "must be an object with fields"),
+        (lambda h: _outliers(h).pop("count"), "must be an object with fields"),
+        (lambda h: _clustered(h).update(outliers=[]), "must be an object with fields"),
+        (lambda h: _clustered(h).update(outliers=None), "must be an object with fields"),
+        (lambda h: _dense(h).update(outliers=_outliers(h)), r"unknown \['outliers'\]"),
+        (lambda h: _clustered(h).update(Outliers=_outliers(h)), r"unknown \['Outliers'\]"),
+        (lambda h: h["leaves"].reverse(), "expected 0"),
+    ],
+)
+def test_inconsistent_outlier_parts(blob2, mutate, fragment):
+    header, data = _split(blob2)
+    mutate(header)
+    with pytest.raises(cj.FormatError, match=fragment):
+        loads(_join(header, data, version=2))
+
+
+@pytest.mark.parametrize(
+    "positions, values, fragment",
+    [
+        ([3, 1, 7], None, "strictly increasing"),
+        ([1, 1, 7], None, "strictly increasing"),
+        ([-1, 1, 7], None, "strictly increasing in \\[0, 30\\)"),
+        ([1, 2, 30], None, "strictly increasing in \\[0, 30\\)"),
+        ([1, 2, 2**31 - 1], None, "strictly increasing"),
+        (None, [1.0, np.nan, 0.0], "outlier values hold NaN/Inf"),
+        (None, [1.0, np.inf, 0.0], "outlier values hold NaN/Inf"),
+    ],
+)
+def test_bad_outlier_data_is_rejected(blob2, positions, values, fragment):
+    def edit(header, data):
+        o = _outliers(header)
+        if positions is not None:
+            off = o["positions_offset"]
+            data[off : off + 12] = np.asarray(positions, "<i4").tobytes()
+        if values is not None:
+            off = o["values_offset"]
+            data[off : off + 6] = np.asarray(values, "<f2").tobytes()
+
+    with pytest.raises(cj.FormatError, match=fragment):
+        loads(_with_data(blob2, edit, version=2))
+
+
+def test_padding_before_outlier_arrays_must_be_zero(blob2):
+    def edit(header, data):
+        o = _outliers(header)  # 12 position bytes, then 4 padding bytes before the values
+        assert o["values_offset"] == o["positions_offset"] + 16
+        data[o["positions_offset"] + 13] = 1
+
+    with pytest.raises(cj.FormatError, match="non-zero padding bytes before outliers/values"):
+        loads(_with_data(blob2, edit, version=2))
 
 
 def test_out_of_range_indices_are_rejected(blob):
@@ -509,12 +642,18 @@ def _check_accepted(out, blob):
         if isinstance(leaf, cj.PackedArray):
             assert int(leaf.indices().max(initial=0)) < leaf.num_clusters
             assert np.isfinite(leaf.tables).all()
+            if leaf.num_outliers:
+                pos = np.asarray(leaf.outlier_positions)
+                assert pos.dtype == np.int32 and np.all(np.diff(pos) > 0)
+                assert 0 <= pos[0] and pos[-1] < leaf.size
+                assert np.isfinite(np.asarray(leaf.outlier_values, np.float32)).all()
+                assert leaf.unpack().shape == leaf.shape
 
 
 @settings(max_examples=3000)
-@given(data=st.data())
-def test_fuzz_byte_mutations(blob, data):
-    mutated = bytearray(blob)
+@given(data=st.data(), version=st.sampled_from([1, 2]))
+def test_fuzz_byte_mutations(blob, blob2, data, version):
+    mutated = bytearray(blob if version == 1 else blob2)
     for _ in range(data.draw(st.integers(1, 4))):
         pos = data.draw(st.integers(0, len(mutated) - 1))
         mutated[pos] = data.draw(st.integers(0, 255))
@@ -539,10 +678,12 @@ _json = st.recursive(
 
 
 @settings(max_examples=1000)
-@given(data=st.data())
-def test_fuzz_header_fields(blob, data):
-    header, raw = _split(blob)
+@given(data=st.data(), version=st.sampled_from([1, 2]))
+def test_fuzz_header_fields(blob, blob2, data, version):
+    header, raw = _split(blob if version == 1 else blob2)
     targets = [header, *header["leaves"]]
+    if version == 2:
+        targets.append(_outliers(header))
     for _ in range(data.draw(st.integers(1, 3))):
         target = data.draw(st.sampled_from(targets))
         key = data.draw(st.sampled_from(sorted(target)) | st.text(max_size=4))
@@ -550,7 +691,7 @@ def test_fuzz_header_fields(blob, data):
             del target[key]
         else:
             target[key] = data.draw(_json)
-    mutated = _join(header, raw, align=data.draw(st.booleans()))
+    mutated = _join(header, raw, version=version, align=data.draw(st.booleans()))
     try:
         out = loads(mutated, packed=True)
     except cj.FormatError:

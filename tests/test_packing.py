@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import hand_state
+from reference import hand_state, outlier_reference
 
 import clusterjax as cj
 from clusterjax._src.packing import (
@@ -25,6 +25,7 @@ from clusterjax._src.packing import (
     packed_nbytes,
     unpack_bits,
 )
+from clusterjax._src.plan import num_outliers
 from clusterjax._src.spec import index_dtype
 
 # ---------------------------------------------------------------------------------------
@@ -33,8 +34,21 @@ from clusterjax._src.spec import index_dtype
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def make_leaf(rng, shape, dtype, k, granularity="tensor", axis=-1, group_size=None, sparse=False):
-    """A weight and its state entries, following BUILD.md's data layout by hand."""
+def make_leaf(
+    rng,
+    shape,
+    dtype,
+    k,
+    granularity="tensor",
+    axis=-1,
+    group_size=None,
+    sparse=False,
+    outliers=0.0,
+):
+    """A weight and its state entries, following BUILD.md's data layout by hand.
+
+    (With `outliers`, `make_case` draws their positions.)
+    """
     w = rng.normal(size=shape).astype(np.float32)
     if sparse:
         w[rng.random(shape) < 0.3] = 0.0
@@ -45,6 +59,7 @@ def make_leaf(rng, shape, dtype, k, granularity="tensor", axis=-1, group_size=No
         channel_axis=axis,
         group_size=group_size,
         preserve_sparsity=sparse,
+        outliers=outliers,
     )
     groups = 1 if granularity == "tensor" else shape[axis] // (group_size or 1)
     table_dtype = np.float64 if w.dtype == np.float64 else np.float32
@@ -60,19 +75,35 @@ def make_leaf(rng, shape, dtype, k, granularity="tensor", axis=-1, group_size=No
 
 
 def make_case(rng, leaves):
-    """`leaves`: {name: kwargs for make_leaf, or an array for a dense leaf}."""
-    params, cents, idxs, masks, specs = {}, {}, {}, {}, {}
+    """`leaves`: {name: kwargs for make_leaf, or an array for a dense leaf}.
+
+    Leaves with `outliers` get sorted random int32 positions (some weights there are
+    scaled far out, a few beyond float16's range, which the stored values clip).
+    """
+    params, cents, idxs, masks, specs, outs = {}, {}, {}, {}, {}, {}
     for name, cfg in leaves.items():
+        o = None
         if isinstance(cfg, dict):
             w, c, i, m, s = make_leaf(rng, **cfg)
+            count = num_outliers(s.outliers, w.size)
+            if count:
+                o = np.sort(rng.choice(w.size, count, replace=False)).astype(np.int32)
+                flat = w.reshape(-1).copy()
+                scales = [1.0, 50.0] + ([1e5] if flat.dtype != np.float16 else [])
+                flat[o] = (flat[o].astype(np.float32) * rng.choice(scales, count)).astype(
+                    flat.dtype
+                )
+                w = flat.reshape(w.shape)
         else:
             w, c, i, m, s = cfg, None, None, None, None
         params[name], cents[name], idxs[name], masks[name], specs[name] = w, c, i, m, s
-    return params, hand_state(params, cents, idxs, masks, specs)
+        outs[name] = o
+    return params, hand_state(params, cents, idxs, masks, specs, outs)
 
 
-def reference_strip(w, table, idx, spec):
-    """NumPy `table[group][index]` cast to the leaf dtype: the layout contract, directly."""
+def reference_strip(w, table, idx, spec, outliers=None):
+    """NumPy `table[group][index]` cast to the leaf dtype: the layout contract, directly;
+    the outliers' positions hold `outlier_reference` of the weight."""
     w, table, idx = np.asarray(w), np.asarray(table), np.asarray(idx)
     if spec.granularity == "tensor":
         values = table[idx.astype(np.int64)]
@@ -83,7 +114,12 @@ def reference_strip(w, table, idx, spec):
             [-1 if d == axis else 1 for d in range(w.ndim)]
         )
         values = table[np.broadcast_to(group, w.shape), idx.astype(np.int64)]
-    return values.astype(w.dtype)
+    out = values.astype(w.dtype)
+    if outliers is not None:
+        flat = out.reshape(-1)
+        flat[np.asarray(outliers)] = outlier_reference(w, outliers)
+        out = flat.reshape(w.shape)
+    return out
 
 
 def bits_equal(a, b) -> bool:
@@ -114,6 +150,7 @@ def cases(draw, ks=(2, 3, 16, 17, 256), dtypes=("float32", "bfloat16")):
             axis=axis,
             group_size=group_size,
             sparse=draw(st.booleans()),
+            outliers=draw(st.sampled_from([0.0, 0.0, 0.1, 0.5])),
         )
     if draw(st.booleans()):
         leaves["bias"] = rng.normal(size=draw(st.integers(0, 4))).astype(np.float32)
@@ -125,7 +162,9 @@ def cases(draw, ks=(2, 3, 16, 17, 256), dtypes=("float32", "bfloat16")):
         field = dict(field)
         return {"nested": field, "top": field.pop("w0")}
 
-    fields = [nest(f) for f in (state.centroids, state.indices, state.masks, state.specs)]
+    fields = [
+        nest(f) for f in (state.centroids, state.indices, state.masks, state.specs, state.outliers)
+    ]
     nested = nest(params)
     return nested, hand_state(nested, *fields)
 
@@ -136,11 +175,11 @@ def reference_tree(params, state):
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     for path, w in flat:
         name = cj.path_str(path)
-        node = [state.centroids, state.indices, state.specs]
+        node = [state.centroids, state.indices, state.specs, state.outliers]
         for key in path:
             node = [n[key.key] for n in node]
-        c, i, s = node
-        out[name] = np.asarray(w) if c is None else reference_strip(np.asarray(w), c, i, s)
+        c, i, s, o = node
+        out[name] = np.asarray(w) if c is None else reference_strip(np.asarray(w), c, i, s, o)
     return out
 
 

@@ -319,11 +319,13 @@ def _inspect(args: argparse.Namespace) -> int:
     from clusterjax._src import fileformat, summary
 
     _check_file(args.file)
-    report = summary._summarize(fileformat.load(args.file, packed=True), None)
+    with open(args.file, "rb") as f:
+        blob = f.read()
+    report = summary._summarize(fileformat.loads(blob, packed=True), None)
     if args.json:
         print(json.dumps({"file": args.file, "rows": report.rows, "totals": report.totals}))
     else:
-        print(f"{args.file}: clusterjax packed file, format version {fileformat.VERSION}")
+        print(f"{args.file}: clusterjax packed file, format version {fileformat.file_version(blob)}")
         print(report)
     return 0
 

@@ -7,6 +7,7 @@ backward passes live in `clusterjax._src.segments`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -191,23 +192,26 @@ def init_from_plan(
         imp_flat = flatten_like(params, importance, "importance (the importance tree)")
     else:
         imp_flat = [None] * len(flat_w)
-    fields: tuple[list, list, list] = ([], [], [])
+    fields: tuple[list, list, list, list] = ([], [], [], [])
     for position, (lp, w, imp) in enumerate(zip(plan.leaves, flat_w, imp_flat)):
         if lp is None:
-            out = (None, None, None)
+            out = (None, None, None, None)
         else:
             out = _init_leaf(lp, w, imp, importance_damping, jax.random.fold_in(key, position))
+            # Finish this leaf before the next one is dispatched: asynchronous dispatch
+            # would otherwise queue many leaves and hold all their inputs at once.
+            out = jax.block_until_ready(out)
         for field, value in zip(fields, out):
             field.append(value)
         if on_leaf is not None:
             on_leaf(plan.paths[position])
     treedef = jax.tree.structure(params, is_leaf=lambda x: x is None)
-    centroids, indices, masks = (jax.tree.unflatten(treedef, f) for f in fields)
-    return ClusterState(centroids, indices, masks, plan)
+    centroids, indices, masks, outliers = (jax.tree.unflatten(treedef, f) for f in fields)
+    return ClusterState(centroids, indices, masks, plan, outliers)
 
 
 def _init_leaf(lp: LeafPlan, w, imp, damping, key):
-    """(table, indices, mask) of one leaf."""
+    """(table, indices, mask, outlier positions) of one leaf."""
     spec = lp.spec
     _check_finite(lp.path, w)
     w = jnp.asarray(w)
@@ -223,8 +227,14 @@ def _init_leaf(lp: LeafPlan, w, imp, damping, key):
         if damping:
             weights = jnp.maximum(weights, 0.0)
             weights = weights + jnp.float32(damping) * jnp.mean(weights, -1, keepdims=True)
+    x = lp.grouped(w).astype(jnp.float32)
+    outliers = None
+    if lp.num_outliers:
+        geometry = dataclasses.replace(lp, path="")  # one compilation per geometry
+        outliers = _choose_outliers(geometry, x, weights)
+        x, weights = _without_outliers(geometry, x, weights, outliers)
     tables = _centroid_init.init_tables(
-        lp.grouped(w).astype(jnp.float32),
+        x,
         num_clusters=spec.num_clusters,
         method=spec.init,
         key=key,
@@ -233,7 +243,39 @@ def _init_leaf(lp: LeafPlan, w, imp, damping, key):
     ).astype(table_dtype(w.dtype))
     table = tables[0] if lp.axis is None else tables
     mask = (w != 0) if spec.preserve_sparsity else None
-    return table, _assign_leaf(lp, w, table, mask), mask
+    return table, _assign_leaf(lp, w, table, mask), mask, outliers
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _choose_outliers(lp: LeafPlan, x: jax.Array, weights: jax.Array | None) -> jax.Array:
+    """Sorted int32 flat positions of the `lp.num_outliers` weights kept exactly.
+
+    `x` and `weights` are the grouped values and (damped) importances. The score is the
+    importance-weighted squared size `importance * w**2` (the weighted error of setting
+    the weight to 0, the scale of what a clustered weight far out in the tail risks), or
+    `|w|` without importance; ties go to the lower position. With `preserve_sparsity`,
+    pruned (zero) weights come last.
+    """
+    score = jnp.abs(x) if weights is None else jnp.maximum(weights, 0.0) * jnp.square(x)
+    if lp.spec.preserve_sparsity:
+        score = jnp.where(x != 0, score, -1.0)
+    flat = lp.ungrouped(score).reshape(-1)
+    order = jnp.argsort(-flat, stable=True)
+    return jnp.sort(order[: lp.num_outliers]).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _without_outliers(lp: LeafPlan, x, weights, outliers):
+    """`(x, weights)` for the k-means with the outliers left out: importance 0, and their
+    values clipped to the range of their table's other values (so that "linear" and
+    "random", which ignore importance, span the clustered weights only)."""
+    out = jnp.zeros((lp.size,), bool).at[outliers].set(True).reshape(lp.shape)
+    out = lp.grouped(out)
+    lo = jnp.min(jnp.where(out, jnp.inf, x), axis=1, keepdims=True)
+    hi = jnp.max(jnp.where(out, -jnp.inf, x), axis=1, keepdims=True)
+    x = jnp.where(lo <= hi, jnp.clip(x, lo, hi), x)  # a table of outliers only: as it is
+    base = jnp.ones_like(x) if weights is None else weights
+    return x, jnp.where(out, 0.0, base)
 
 
 def apply(params: PyTree, state: ClusterState) -> PyTree:
@@ -245,6 +287,10 @@ def apply(params: PyTree, state: ClusterState) -> PyTree:
     weights assigned to it (0 for the fixed zero centroid of `preserve_sparsity`, which
     reads as exactly 0 whatever value the state holds for it).
     Unclustered leaves pass through untouched. Outputs keep each leaf's dtype.
+
+    Outliers (`ClusterSpec(outliers=...)`) read their own weight, rounded to float16 as
+    the packed file stores it, get the plain gradient, and add nothing to any centroid's
+    gradient (nor to the cluster sizes of "mean" aggregation).
 
     Args:
       params: the (dense, trainable) params `state` was made for.
@@ -271,9 +317,19 @@ def apply(params: PyTree, state: ClusterState) -> PyTree:
         w = jnp.asarray(leaf.w)
         if leaf.mask is None:
             pairs = segments.pairs_in_backward(lp)
+            if leaf.outliers is not None:
+                flat = jnp.asarray(leaf.centroids).reshape(-1)
+                return segments.take_with_outliers(
+                    w, flat, leaf.indices, lp.base(), leaf.outliers, pairs
+                )
             return _clustered[pairs](w, leaf.centroids, leaf.indices, lp.base())
         # Pruned weights get no gradient, and neither does the fixed zero centroid.
         x = jnp.where(leaf.mask, w, jax.lax.stop_gradient(w))
+        if leaf.outliers is not None:
+            flat = tables(leaf).reshape(-1)
+            return segments.take_with_outliers(
+                x, flat, leaf.indices, lp.base(), leaf.outliers, False
+            )
         return _clustered[False](x, tables(leaf), leaf.indices, lp.base())
 
     return map_leaves(params, state, "cj.apply", one)
@@ -284,7 +340,8 @@ def strip(params: PyTree, state: ClusterState) -> PyTree:
 
     The result feeds the unmodified model (`model.apply({"params": dense}, x)`) and
     gives the same outputs as the clustered forward pass. Unclustered leaves are
-    returned as they are.
+    returned as they are. Outliers keep their weight, rounded to float16 (exactly what
+    `clusterjax.save` stores, so `load(save(...))` equals `strip` bit for bit).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -299,7 +356,12 @@ def strip(params: PyTree, state: ClusterState) -> PyTree:
         lp = leaf.plan
         if lp is None:
             return leaf.w
-        return _lookup(jnp.asarray(leaf.w), tables(leaf), leaf.indices, lp.base(), pairs=False)
+        w = jnp.asarray(leaf.w)
+        dense = _lookup(w, tables(leaf), leaf.indices, lp.base(), pairs=False)
+        if leaf.outliers is None:
+            return dense
+        values = segments.outlier_values(w.reshape(-1)[leaf.outliers])
+        return segments.put_outliers(dense, leaf.outliers, values)
 
     return map_leaves(params, state, "cj.strip", one)
 
@@ -309,7 +371,9 @@ def update_indices(params: PyTree, state: ClusterState, *, force: bool = False) 
 
     Leaves whose spec has `update_indices=False` keep their indices unless `force=True`.
     Pruned weights (`preserve_sparsity`) stay on the zero centroid; kept weights go to
-    the nearest non-zero centroid. Ties go to the lower centroid value.
+    the nearest non-zero centroid. Ties go to the lower centroid value. Outliers keep
+    their positions and are assigned like every other weight (their index is never
+    read: they take their own value).
 
     Call it after every optimizer step (the train step in README.md): it is the only
     place where indices change.

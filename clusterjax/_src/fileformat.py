@@ -1,10 +1,10 @@
 """The packed file format: `save`, `load`, `FormatError`. No pickle anywhere.
 
-Layout, version 1 (all integers little-endian; the full spec is in BUILD.md,
+Layout, versions 1 and 2 (all integers little-endian; the full spec is in BUILD.md,
 "Packed file format"):
 
     offset 0    magic    8 bytes   b"CLUSTJAX"
-    offset 8    version  uint32    1
+    offset 8    version  uint32    1, or 2 when a leaf has an optional part (outliers)
     offset 12   hlen     uint64    length of the header in bytes
     offset 20   header   hlen bytes: a UTF-8 JSON object, padded with spaces so that
                                    the data starts at a multiple of 8
@@ -15,8 +15,17 @@ Layout, version 1 (all integers little-endian; the full spec is in BUILD.md,
 The loader validates everything before it builds a single array: the prefix, the JSON
 (an exact set of fields per leaf, with types), dtypes against an allow-list, shapes
 against byte counts, every offset against the layout rule, padding bytes, tree paths,
-decoded indices against K, finite centroid tables. Anything wrong raises `FormatError`
-(a `ValueError`) naming the leaf and the problem.
+decoded indices against K, finite centroid tables, outlier positions and values.
+Anything wrong raises `FormatError` (a `ValueError`) naming the leaf and the problem.
+
+**Optional parts.** Version 2 lets a clustered leaf carry optional *parts*: a key of the
+leaf's entry whose value is an object with its own exact set of fields, describing
+arrays stored after the leaf's indices, in the order of `_PARTS`. The only part so far is
+`"outliers"` (sorted int32 flat positions, float16 values). A part is described once, in
+`_PARTS` (the version that introduced it, its fields and arrays); a new part is a new
+entry there and a new version number, so that older readers refuse such files ("upgrade
+clusterjax") instead of silently ignoring the part. The writer writes the lowest version
+that holds the tree: a file without parts is a version 1 file, byte for byte as before.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import json
 import math
 import os
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +49,7 @@ from clusterjax._src.tree import path_components
 
 PyTree = Any
 MAGIC = b"CLUSTJAX"
-VERSION = 1
+VERSION = 2  # the newest version this module reads and writes
 ALIGN = 8
 _PREFIX = struct.Struct("<8sIQ")
 _MAX_HEADER = 1 << 30
@@ -64,6 +73,31 @@ _CLUSTERED_FIELDS = {
     "group_size", "table_dtype", "table_shape", "table_offset", "table_nbytes",
     "indices_offset", "indices_nbytes",
 }  # fmt: skip
+
+
+class _Part(NamedTuple):
+    """An optional part of a clustered leaf (see the module docstring).
+
+    `arrays` are `(name, allowed dtypes)` in layout order; array `name` is described by the
+    part's fields `{name}_dtype`, `{name}_offset` and `{name}_nbytes`, and holds `count`
+    elements.
+    """
+
+    version: int
+    arrays: tuple[tuple[str, tuple[str, ...]], ...]
+
+    @property
+    def fields(self) -> set[str]:
+        keys = {"count"}
+        for name, _ in self.arrays:
+            keys |= {f"{name}_dtype", f"{name}_offset", f"{name}_nbytes"}
+        return keys
+
+
+# Optional parts of a clustered leaf, in layout order.
+_PARTS = {
+    "outliers": _Part(version=2, arrays=(("positions", ("int32",)), ("values", ("float16",)))),
+}
 
 
 class FormatError(ValueError):
@@ -102,11 +136,12 @@ def _dense_array(name: str, leaf: Any) -> np.ndarray:
     return np.asarray(arr, dtype=_DTYPES[arr.dtype.name], order="C")  # keeps 0-d
 
 
-def _plan(packed: PyTree) -> tuple[bytes, list[tuple[int, np.ndarray]], int]:
-    """Header bytes (padded), `(offset, array)` blobs and the data length of a packed tree."""
+def _plan(packed: PyTree) -> tuple[int, bytes, list[tuple[int, np.ndarray]], int]:
+    """Version, header bytes (padded), `(offset, array)` blobs and data length of a tree."""
     flat, _ = jax.tree_util.tree_flatten_with_path(packed, is_leaf=is_packed)
     entries, blobs, seen = [], [], {}
     end = 0
+    version = 1
 
     def place(arr: np.ndarray) -> tuple[int, int]:
         nonlocal end
@@ -135,14 +170,27 @@ def _plan(packed: PyTree) -> tuple[bytes, list[tuple[int, np.ndarray]], int]:
             tables = np.ascontiguousarray(tables, dtype=_DTYPES[tables.dtype.name])
             t_off, t_len = place(tables)
             i_off, i_len = place(np.ascontiguousarray(np.asarray(leaf.packed), np.uint8))
-            entries.append({
+            entry = {
                 "path": parts, "kind": "clustered", "shape": list(leaf.shape),
                 "dtype": leaf.dtype, "num_clusters": int(leaf.num_clusters), "bits": leaf.bits,
                 "granularity": leaf.granularity, "channel_axis": leaf.channel_axis,
                 "group_size": int(leaf.group_size), "table_dtype": tables.dtype.name,
                 "table_shape": list(tables.shape), "table_offset": t_off, "table_nbytes": t_len,
                 "indices_offset": i_off, "indices_nbytes": i_len,
-            })  # fmt: skip
+            }  # fmt: skip
+            if leaf.outlier_positions is not None:
+                arrays = {
+                    "positions": np.asarray(leaf.outlier_positions, "<i4"),
+                    "values": np.asarray(leaf.outlier_values, "<f2"),
+                }
+                part = {"count": int(arrays["positions"].shape[0])}
+                for key, arr in arrays.items():
+                    off, length = place(np.ascontiguousarray(arr))
+                    part.update({f"{key}_dtype": np.dtype(arr.dtype).name,
+                                 f"{key}_offset": off, f"{key}_nbytes": length})  # fmt: skip
+                entry["outliers"] = part
+                version = max(version, _PARTS["outliers"].version)
+            entries.append(entry)
         else:
             arr = _dense_array(name, leaf)
             off, length = place(arr)
@@ -156,7 +204,7 @@ def _plan(packed: PyTree) -> tuple[bytes, list[tuple[int, np.ndarray]], int]:
         ensure_ascii=False,
     ).encode("utf-8")
     header += b" " * (_align(_PREFIX.size + len(header)) - _PREFIX.size - len(header))
-    return header, blobs, end
+    return version, header, blobs, end
 
 
 def save(
@@ -170,9 +218,11 @@ def save(
     umask for a new file, the old permission bits for a replaced one (details:
     `clusterjax/_src/atomic.py`).
 
-    Clustered leaves are stored bit-packed with their centroid tables; every other array
-    leaf is stored as it is (dtypes: float64/32/16, bfloat16, (u)int8-64, bool). `None`
-    leaves are dropped. The format is described in BUILD.md, "Packed file format".
+    Clustered leaves are stored bit-packed with their centroid tables (and their
+    outliers, if any); every other array leaf is stored as it is (dtypes: float64/32/16,
+    bfloat16, (u)int8-64, bool). `None` leaves are dropped. The format is described in
+    BUILD.md, "Packed file format": a file with outliers is version 2, any other file
+    version 1.
 
     Args:
       path: the file to write.
@@ -200,9 +250,9 @@ def save(
       True
     """
     packed = pack(packed_or_params, state) if state is not None else packed_or_params
-    header, blobs, data_nbytes = _plan(packed)
+    version, header, blobs, data_nbytes = _plan(packed)
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        f.write(_PREFIX.pack(MAGIC, VERSION, len(header)))
+        f.write(_PREFIX.pack(MAGIC, version, len(header)))
         f.write(header)
         end = 0
         for offset, arr in blobs:
@@ -225,7 +275,7 @@ def file_size(packed: PyTree) -> int:
       >>> file_size(cj.pack(params, state))
       8608
     """
-    header, _, data_nbytes = _plan(packed)
+    _, header, _, data_nbytes = _plan(packed)
     return _PREFIX.size + len(header) + data_nbytes
 
 
@@ -323,11 +373,11 @@ def read_header(blob: bytes) -> dict:
     magic, version, hlen = _PREFIX.unpack_from(blob, 0)
     if magic != MAGIC:
         raise FormatError(f"not a clusterjax file: magic {magic!r}, expected {MAGIC!r}")
-    if version != VERSION:
+    if not 1 <= version <= VERSION:
         newer = " (written by a newer clusterjax: upgrade to read it)" if version > VERSION else ""
         raise FormatError(
             f"unsupported clusterjax format version {version}; this version reads "
-            f"version {VERSION}{newer}"
+            f"versions 1 to {VERSION}{newer}"
         )
     available = len(blob) - _PREFIX.size
     if hlen > available or hlen > _MAX_HEADER:
@@ -361,7 +411,7 @@ def read_header(blob: bytes) -> dict:
         raise FormatError("corrupt header: 'leaves' must be a list")
     end = 0
     for entry in leaves:
-        end = _check_entry(entry, end, len(leaves))
+        end = _check_entry(entry, end, len(leaves), version)
     if end != data_nbytes:
         raise FormatError(
             f"corrupt file: the arrays end at data byte {end}, but there are {data_nbytes}"
@@ -372,6 +422,26 @@ def read_header(blob: bytes) -> dict:
         if entry["path"]:  # (an empty path is a lone bare array)
             _insert(skeleton, entry["path"], None, names)
     return header
+
+
+def file_version(blob: bytes) -> int:
+    """The format version of a packed file's bytes (validated by `read_header` first).
+
+    Example:
+      >>> import os, tempfile, jax
+      >>> import clusterjax as cj
+      >>> from clusterjax._src.fileformat import file_version
+      >>> params = {"w": jax.random.normal(jax.random.key(0), (64, 64))}
+      >>> path = os.path.join(tempfile.mkdtemp(), "m.cjx")
+      >>> for outliers in (0.0, 0.01):
+      ...     spec = cj.ClusterSpec(num_clusters=4, init="linear", outliers=outliers)
+      ...     _ = cj.save(path, params, cj.init(params, spec, key=jax.random.key(1)))
+      ...     print(file_version(open(path, "rb").read()))
+      1
+      2
+    """
+    read_header(blob)
+    return _PREFIX.unpack_from(blob, 0)[1]
 
 
 def _is_int(x: Any) -> bool:
@@ -390,7 +460,7 @@ def _entry_name(entry: Any) -> str:
     return "?"
 
 
-def _check_entry(entry: Any, end: int, num_leaves: int) -> int:
+def _check_entry(entry: Any, end: int, num_leaves: int, version: int = VERSION) -> int:
     """Validates one header entry; returns the data offset where its arrays end."""
     if not isinstance(entry, dict):
         raise FormatError("corrupt header: a leaf entry is not a JSON object")
@@ -415,8 +485,15 @@ def _check_entry(entry: Any, end: int, num_leaves: int) -> int:
     )
     if fields is None:
         fail(f"unknown kind {kind!r} (expected 'dense' or 'clustered')")
-    if set(entry) != fields:
-        missing, extra = sorted(fields - set(entry)), sorted(set(entry) - fields)
+    parts = {}
+    if kind == "clustered":
+        parts = {p: _PARTS[p] for p in _PARTS if p in entry}
+        for p, spec in parts.items():
+            if spec.version > version:
+                fail(f"part {p!r} needs format version {spec.version}, the file is {version}")
+    if set(entry) != fields | set(parts):
+        missing = sorted(fields - set(entry))
+        extra = sorted(set(entry) - fields - set(parts))
         fail(f"header fields do not match a {kind} leaf (missing {missing}, unknown {extra})")
     shape = entry["shape"]
     if not isinstance(shape, list) or len(shape) > _MAX_NDIM:
@@ -478,20 +555,71 @@ def _check_entry(entry: Any, end: int, num_leaves: int) -> int:
         fail(f"unsupported table dtype {t_dtype!r}; allowed: {', '.join(_TABLE_DTYPES)}")
     t_bytes = math.prod(table_shape) * _DTYPES[t_dtype].itemsize
     end = chunk("table_offset", "table_nbytes", t_bytes, end)
-    return chunk("indices_offset", "indices_nbytes", packed_nbytes(size, bits), end)
+    end = chunk("indices_offset", "indices_nbytes", packed_nbytes(size, bits), end)
+    for name in _PARTS:
+        if name in parts:
+            end = _check_part(name, entry[name], size, end, fail)
+    return end
+
+
+def _check_part(name: str, part: Any, size: int, end: int, fail) -> int:
+    """Validates the optional part `name` of a clustered leaf; returns where it ends."""
+    spec = _PARTS[name]
+    if not isinstance(part, dict) or set(part) != spec.fields:
+        got = sorted(part) if isinstance(part, dict) else type(part).__name__
+        fail(f"part {name!r} must be an object with fields {sorted(spec.fields)}, got {got}")
+    count = part["count"]
+    if not _is_int(count) or not 1 <= count <= size:
+        fail(f"part {name!r}: count {count!r} must be an integer in [1, {size}]")
+    if name == "outliers" and size > 2**31 - 1:
+        fail(f"part 'outliers': int32 positions cannot address {size} weights")
+    for array, allowed in spec.arrays:
+        dtype = part[f"{array}_dtype"]
+        if not isinstance(dtype, str) or dtype not in allowed:
+            fail(f"part {name!r}: {array}_dtype {dtype!r}, allowed: {', '.join(allowed)}")
+        off, n = part[f"{array}_offset"], part[f"{array}_nbytes"]
+        if not (_is_int(off) and _is_int(n)):
+            fail(f"part {name!r}: {array}_offset/{array}_nbytes must be integers")
+        expected = count * _DTYPES[dtype].itemsize
+        if n != expected:
+            fail(f"part {name!r}: {array}_nbytes={n} does not match {count} x {dtype}")
+        if off != _align(end):
+            fail(
+                f"part {name!r}: {array}_offset={off}, expected {_align(end)} (arrays are "
+                f"stored in header order, each at the next multiple of {ALIGN})"
+            )
+        end = off + n
+    return end
+
+
+def _arrays(entry: dict) -> list[tuple[str, int, int]]:
+    """`(name, offset, nbytes)` of every array of a validated entry, in layout order."""
+    if entry["kind"] == "dense":
+        return [("offset", entry["offset"], entry["nbytes"])]
+    out = [
+        ("table_offset", entry["table_offset"], entry["table_nbytes"]),
+        ("indices_offset", entry["indices_offset"], entry["indices_nbytes"]),
+    ]
+    for name, spec in _PARTS.items():
+        if name in entry:
+            part = entry[name]
+            out += [
+                (f"{name}/{a}_offset", part[f"{a}_offset"], part[f"{a}_nbytes"])
+                for a, _ in spec.arrays
+            ]
+    return out
 
 
 def _check_padding(entries: list, data: memoryview) -> None:
     end = 0
     for entry in entries:
-        keys = ("offset",) if entry["kind"] == "dense" else ("table_offset", "indices_offset")
-        for key in keys:
-            gap = data[end : entry[key]]
+        for key, offset, nbytes in _arrays(entry):
+            gap = data[end:offset]
             if any(gap):
                 raise FormatError(
                     f"leaf {_entry_name(entry)!r}: non-zero padding bytes before {key}"
                 )
-            end = entry[key] + entry[key.replace("offset", "nbytes")]
+            end = offset + nbytes
 
 
 def _read_leaf(entry: dict, data: memoryview, packed: bool) -> tuple[list, Any]:
@@ -518,12 +646,32 @@ def _read_leaf(entry: dict, data: memoryview, packed: bool) -> tuple[list, Any]:
         top = int(_unpack_bits(stream, bits, size).max())
         if top >= k:
             raise FormatError(f"leaf {name!r}: index {top} out of range for num_clusters={k}")
+    positions = values = None
+    if "outliers" in entry:
+        positions, values = _read_outliers(entry["outliers"], data, size, name)
     arr = PackedArray(
         packed=stream, tables=tables, shape=shape, dtype=entry["dtype"], num_clusters=k,
         granularity=entry["granularity"], channel_axis=entry["channel_axis"],
-        group_size=entry["group_size"],
+        group_size=entry["group_size"], outlier_positions=positions, outlier_values=values,
     )  # fmt: skip
     return path, (arr if packed else np.asarray(arr.unpack()))
+
+
+def _read_outliers(part: dict, data: memoryview, size: int, name: str):
+    """The validated (int32 positions, float16 values) of an "outliers" part."""
+    arrays = []
+    for array, _ in _PARTS["outliers"].arrays:
+        off, n = part[f"{array}_offset"], part[f"{array}_nbytes"]
+        dtype = _DTYPES[part[f"{array}_dtype"]]
+        arrays.append(np.frombuffer(data[off : off + n], dtype).astype(dtype.newbyteorder("=")))
+    positions, values = arrays
+    if positions[0] < 0 or positions[-1] >= size or np.any(np.diff(positions) <= 0):
+        raise FormatError(
+            f"leaf {name!r}: outlier positions must be strictly increasing in [0, {size})"
+        )
+    if not np.all(np.isfinite(values)):
+        raise FormatError(f"leaf {name!r}: outlier values hold NaN/Inf")
+    return positions, values
 
 
 def _insert(tree: dict, path: list, value: Any, names: set[str]) -> None:

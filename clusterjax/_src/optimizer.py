@@ -88,13 +88,18 @@ def _average(cs: ClusterState, g_params: PyTree, g_centroids: PyTree, caller: st
     flat_gw = plan_leaves(cs, g_params, "the weight gradients", caller)
     flat_gc = plan_leaves(cs, g_centroids, "the centroid gradients", caller)
     flat_i = plan_leaves(cs, cs.indices, "state.indices", caller)
+    if cs.outliers is None:
+        flat_o = [None] * len(flat_i)
+    else:
+        flat_o = plan_leaves(cs, cs.outliers, "state.outliers", caller)
     out_w, out_c = [], []
-    for lp, gw, gc, i in zip(cs.plan.leaves, flat_gw, flat_gc, flat_i):
+    for lp, gw, gc, i, o in zip(cs.plan.leaves, flat_gw, flat_gc, flat_i, flat_o):
         if lp is not None:
             _check_shape(caller, "weight gradient", lp.path, gw, lp.shape)
             _check_shape(caller, "centroid gradient", lp.path, gc, lp.table_shape)
             if lp.spec.gradient_aggregation == "mean":
-                counts, gw = segments.centroid_sizes(lp, gw, i)
+                # Outliers belong to no cluster: not counted in any size.
+                counts, gw = segments.centroid_sizes(lp, gw, i, o if lp.num_outliers else None)
                 gc = jnp.where(counts > 0, gc / jnp.maximum(counts, 1.0).astype(gc.dtype), 0)
         out_w.append(gw)
         out_c.append(gc)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clusterjax._src import core
+from clusterjax._src import core, segments
 from clusterjax._src.plan import table_base
 from clusterjax._src.spec import GRANULARITIES, index_bits
 from clusterjax._src.state import ClusterState, LeafState, map_leaves
@@ -198,8 +198,9 @@ def _unpack_bits_jnp(stream: jax.Array, bits: int, count: int) -> jax.Array:
 class PackedArray:
     """A clustered weight stored as bit-packed indices plus centroid table(s).
 
-    A JAX pytree: `packed` and `tables` are its children; everything else is static
-    metadata. Build one with `clusterjax.pack` or `clusterjax.load(..., packed=True)`.
+    A JAX pytree: `packed`, `tables` and the optional `outlier_positions` /
+    `outlier_values` are its children; everything else is static metadata. Build one with
+    `clusterjax.pack` or `clusterjax.load(..., packed=True)`.
 
     Invariants (checked at construction from concrete arrays):
       * `shape` is the weight's shape and `size = prod(shape)`; `dtype` is the name of the
@@ -213,9 +214,13 @@ class PackedArray:
       * `channel_axis` is normalized (`0 <= channel_axis < ndim`) for "channel" / "group"
         and `None` for "tensor"; `group_size` divides `shape[channel_axis]` and is 1 for
         "channel" and "tensor".
+      * `outlier_positions` and `outlier_values` are both `None` (no outliers) or both
+        1-D of one length `m >= 1`: int32 flat (C-order) positions, strictly increasing
+        in `[0, size)`, and their float16 values (finite). The index stored for an
+        outlier is ignored.
       * `unpack()` equals `clusterjax.strip` of the weight bit for bit: element `e` at
         position `c` along `channel_axis` is `tables[c // group_size][index[e]]` cast to
-        `dtype`.
+        `dtype`, except the outliers, which are their values cast to `dtype`.
 
     Example:
       >>> import jax
@@ -240,6 +245,8 @@ class PackedArray:
     granularity: str = "tensor"
     channel_axis: int | None = None
     group_size: int = 1
+    outlier_positions: Any = None
+    outlier_values: Any = None
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
@@ -282,6 +289,31 @@ class PackedArray:
                 f"packed must be uint8 of shape {expected}, got {jnp.result_type(self.packed)} "
                 f"{tuple(np.shape(self.packed))}"
             )
+        pos, val = self.outlier_positions, self.outlier_values
+        if (pos is None) != (val is None):
+            fail("outlier_positions and outlier_values must be given together")
+        if pos is not None:
+            m = np.shape(pos)
+            if (
+                len(m) != 1
+                or not 1 <= m[0] <= self.size
+                or np.shape(val) != m
+                or jnp.result_type(pos) != jnp.int32
+                or jnp.result_type(val) != jnp.float16
+            ):
+                fail(
+                    "outliers need int32 positions and float16 values of one length "
+                    f"1..{self.size}, got {jnp.result_type(pos)} {np.shape(pos)} and "
+                    f"{jnp.result_type(val)} {np.shape(val)}"
+                )
+            if not isinstance(pos, jax.core.Tracer):
+                p = np.asarray(pos)
+                if p[0] < 0 or p[-1] >= self.size or np.any(np.diff(p) <= 0):
+                    fail(f"outlier positions must be strictly increasing in [0, {self.size})")
+            if not isinstance(val, jax.core.Tracer) and not np.all(
+                np.isfinite(np.asarray(val, np.float32))
+            ):
+                fail("outlier values must be finite")
 
     @property
     def bits(self) -> int:
@@ -299,9 +331,19 @@ class PackedArray:
         return len(self.shape)
 
     @property
+    def num_outliers(self) -> int:
+        """Number of outliers (0 without)."""
+        return 0 if self.outlier_positions is None else int(np.shape(self.outlier_positions)[0])
+
+    @property
     def nbytes(self) -> int:
-        """Bytes of the packed indices plus the tables (what the file stores for it)."""
-        return int(np.asarray(self.packed).nbytes + np.asarray(self.tables).nbytes)
+        """Bytes of the packed indices, the tables and the outliers (what the file stores
+        for it: 6 bytes per outlier, its int32 position and float16 value)."""
+        return int(
+            np.asarray(self.packed).nbytes
+            + np.asarray(self.tables).nbytes
+            + 6 * self.num_outliers
+        )
 
     def __repr__(self) -> str:
         return (
@@ -313,6 +355,7 @@ class PackedArray:
                 if self.granularity == "tensor"
                 else f", channel_axis={self.channel_axis}, group_size={self.group_size}"
             )
+            + (f", outliers={self.num_outliers}" if self.num_outliers else "")
             + f", nbytes={self.nbytes})"
         )
 
@@ -357,6 +400,8 @@ class PackedArray:
         return _expand(
             self.packed,
             self.tables,
+            self.outlier_positions,
+            self.outlier_values,
             shape=self.shape,
             dtype=self.dtype,
             num_clusters=self.num_clusters,
@@ -383,21 +428,24 @@ class PackedArray:
     jax.jit,
     static_argnames=("shape", "dtype", "num_clusters", "channel_axis", "group_size"),
 )
-def _expand(packed, tables, *, shape, dtype, num_clusters, channel_axis, group_size):
+def _expand(
+    packed, tables, positions, values, *, shape, dtype, num_clusters, channel_axis, group_size
+):
     size = math.prod(shape)
     idx = _unpack_bits_jnp(packed, index_bits(num_clusters), size).reshape(shape)
     base = table_base(shape, num_clusters, channel_axis, group_size)
-    return jnp.asarray(tables).reshape(-1)[base + idx].astype(jnp.dtype(dtype))
+    dense = jnp.asarray(tables).reshape(-1)[base + idx].astype(jnp.dtype(dtype))
+    if positions is None:
+        return dense
+    return segments.put_outliers(dense, positions, values)
 
 
 _META = ("shape", "dtype", "num_clusters", "granularity", "channel_axis", "group_size")
+_CHILDREN = ("packed", "tables", "outlier_positions", "outlier_values")
 
 
 def _flatten_with_keys(p: PackedArray):
-    children = (
-        (jax.tree_util.GetAttrKey("packed"), p.packed),
-        (jax.tree_util.GetAttrKey("tables"), p.tables),
-    )
+    children = tuple((jax.tree_util.GetAttrKey(f), getattr(p, f)) for f in _CHILDREN)
     return children, tuple(getattr(p, f) for f in _META)
 
 
@@ -405,15 +453,15 @@ def _unflatten(meta, children) -> PackedArray:
     # Transformations rebuild nodes with tracers or placeholders as children: skip the
     # validation (the metadata was validated when the original was built).
     obj = object.__new__(PackedArray)
-    object.__setattr__(obj, "packed", children[0])
-    object.__setattr__(obj, "tables", children[1])
+    for name, value in zip(_CHILDREN, children):
+        object.__setattr__(obj, name, value)
     for name, value in zip(_META, meta):
         object.__setattr__(obj, name, value)
     return obj
 
 
 def _flatten(p: PackedArray):
-    return (p.packed, p.tables), tuple(getattr(p, f) for f in _META)
+    return tuple(getattr(p, f) for f in _CHILDREN), tuple(getattr(p, f) for f in _META)
 
 
 jax.tree_util.register_pytree_with_keys(PackedArray, _flatten_with_keys, _unflatten, _flatten)
@@ -488,6 +536,24 @@ def _pack_leaf(leaf: LeafState) -> PackedArray:
             f"cj.pack: state.centroids at {lp.path!r} holds NaN/Inf; a packed file must "
             "hold finite centroids. Fix: repair the centroids (or re-run cj.init)."
         )
+    positions = values = None
+    if leaf.outliers is not None:
+        positions = np.asarray(leaf.outliers)
+        if positions.dtype.kind not in "iu" or np.any(
+            (positions < 0) | (positions >= lp.size)
+        ):
+            raise ValueError(
+                f"cj.pack: state.outliers at {lp.path!r} must hold int32 positions in "
+                f"[0, {lp.size}). Fix: re-run cj.init."
+            )
+        positions = positions.astype(np.int32)
+        if np.any(np.diff(positions) <= 0):
+            raise ValueError(
+                f"cj.pack: state.outliers at {lp.path!r} must be strictly increasing (sorted, "
+                "no repeats), as cj.init makes them. Fix: re-run cj.init."
+            )
+        flat_w = jnp.asarray(leaf.w).reshape(-1)
+        values = np.asarray(segments.outlier_values(flat_w[positions]))
     return PackedArray(
         packed=pack_bits(idx, spec.bits),
         tables=tables,
@@ -497,6 +563,8 @@ def _pack_leaf(leaf: LeafState) -> PackedArray:
         granularity=spec.granularity,
         channel_axis=lp.axis,
         group_size=lp.group_size,
+        outlier_positions=positions,
+        outlier_values=values,
     )
 
 

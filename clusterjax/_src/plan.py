@@ -74,6 +74,11 @@ class LeafPlan:
         return self.size // self.num_groups if self.num_groups else 0
 
     @property
+    def num_outliers(self) -> int:
+        """Weights kept exactly as outliers: `floor(spec.outliers * size + 1/2)`."""
+        return num_outliers(self.spec.outliers, self.size)
+
+    @property
     def table_shape(self) -> tuple[int, ...]:
         """`(K,)` for one table per tensor, `(G, K)` otherwise."""
         k = self.num_clusters
@@ -92,6 +97,15 @@ class LeafPlan:
         if self.axis is None:
             return w.reshape(1, -1)
         return jnp.moveaxis(w, self.axis, 0).reshape(self.num_groups, -1)
+
+    def ungrouped(self, g: jax.Array) -> jax.Array:
+        """The inverse of `grouped`: `(G, weights per table)` back to the weight's shape."""
+        if self.axis is None:
+            return g.reshape(self.shape)
+        moved = (self.shape[self.axis],) + tuple(
+            s for i, s in enumerate(self.shape) if i != self.axis
+        )
+        return jnp.moveaxis(g.reshape(moved), 0, self.axis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,6 +280,12 @@ def _leaf_plan(path: str, spec: ClusterSpec, w: Any, explicit: bool, caller: str
                 f"that divides {shape[axis]}."
             )
     leaf = LeafPlan(path, spec, shape, axis, group_size)
+    if spec.outliers and leaf.size > MAX_OUTLIER_LEAF_SIZE:
+        raise ValueError(
+            f"{caller}: leaf {path!r} has {leaf.size:,} weights; outliers are stored at "
+            f"int32 positions, so a leaf with outliers holds at most {MAX_OUTLIER_LEAF_SIZE:,}. "
+            "Fix: outliers=0.0 for it, or split the leaf."
+        )
     k = spec.num_clusters
     if explicit and k > leaf.per_table:
         where = "" if axis is None else f" per {spec.granularity} table"
@@ -289,11 +309,27 @@ def _not_worth_it(leaf: LeafPlan, dtype) -> str | None:
             f"{MIN_WEIGHTS_PER_CENTROID * k}"
         )
     table_bytes = math.prod(leaf.table_shape) * jnp.dtype(table_dtype(dtype)).itemsize
-    packed = -(-leaf.size * leaf.spec.bits // 8) + table_bytes
+    # An outlier costs its int32 position and float16 value.
+    packed = -(-leaf.size * leaf.spec.bits // 8) + table_bytes + 6 * leaf.num_outliers
     dense = leaf.size * jnp.dtype(dtype).itemsize
     if packed >= dense:
         return f"shape {leaf.shape}: {packed:,} packed bytes >= {dense:,} dense bytes"
     return None
+
+
+def num_outliers(fraction: float, size: int) -> int:
+    """`floor(fraction * size + 1/2)`: the number of outliers of a leaf of `size` weights.
+
+    Example:
+      >>> from clusterjax._src.plan import num_outliers
+      >>> num_outliers(0.005, 1000), num_outliers(0.005, 100), num_outliers(0.0, 10**6)
+      (5, 1, 0)
+    """
+    return min(size, math.floor(fraction * size + 0.5)) if fraction else 0
+
+
+#: Outlier positions are int32 flat positions: leaves with outliers hold < 2^31 weights.
+MAX_OUTLIER_LEAF_SIZE = 2**31 - 1
 
 
 def table_base(

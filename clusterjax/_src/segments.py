@@ -21,9 +21,17 @@ step and guards the merge.
 
 Other leaves (a sparsity mask makes the weight gradient `g * mask`, not `g`; "sum"
 aggregation needs no sizes) scatter plain values and count with `sizes`.
+
+**Outliers** (`ClusterSpec(outliers=...)`) belong to no cluster: every scatter takes
+their flat positions as `drop` and sends them to the position just past the tables,
+which a scatter drops, so they add to no centroid's sum or size. The forward gather
+reads a centroid for them as for any weight; `apply` then writes their own values over
+it (`take_with_outliers`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +51,14 @@ def pairs_in_backward(lp: LeafPlan) -> bool:
     return lp.spec.gradient_aggregation == "mean" and not lp.spec.preserve_sparsity
 
 
-def positions(indices: jax.Array, base) -> jax.Array:
-    """(N, 1) positions of every weight's centroid in the flattened tables."""
+def positions(indices: jax.Array, base, drop=None, size: int = 0) -> jax.Array:
+    """(N, 1) positions of every weight's centroid in the flattened tables.
+
+    The flat positions `drop` (outliers) get `size`, one past the tables: scatters drop it.
+    """
+    if drop is not None:
+        pos = (base + indices.astype(jnp.int32)).reshape(-1)
+        return pos.at[drop].set(size, mode="drop").reshape(-1, 1)
     if isinstance(base, int) and base == 0:
         # One table: the small unsigned indices as they are (no int32 copy of the leaf).
         return indices.reshape(-1, 1)
@@ -69,20 +83,26 @@ def _scatter_add_rows(updates: jax.Array, pos: jax.Array, size: int, into=None):
     )
 
 
-def sizes(indices: jax.Array, base, size: int) -> jax.Array:
-    """Number of weights per centroid, `(size,)` float32 over the flattened tables."""
-    pos = positions(indices, base)
+def sizes(indices: jax.Array, base, size: int, drop=None) -> jax.Array:
+    """Number of weights per centroid, `(size,)` float32 over the flattened tables.
+
+    `drop`: flat positions of weights counted nowhere (outliers).
+    """
+    pos = positions(indices, base, drop, size)
     return _scatter_add_rows(jnp.ones((pos.shape[0],), jnp.float32), pos, size)
 
 
-def sums(values: jax.Array, indices: jax.Array, base, size: int) -> jax.Array:
-    """Per-centroid sums of `values` (shaped like the weight), `(size,)`."""
+def sums(values: jax.Array, indices: jax.Array, base, size: int, drop=None) -> jax.Array:
+    """Per-centroid sums of `values` (shaped like the weight), `(size,)`, without `drop`."""
     real = jnp.promote_types(values.dtype, jnp.float32)
-    return _scatter_add_rows(values.reshape(-1).astype(real), positions(indices, base), size)
+    pos = positions(indices, base, drop, size)
+    return _scatter_add_rows(values.reshape(-1).astype(real), pos, size)
 
 
-def sums_and_sizes(values: jax.Array, indices: jax.Array, base, size: int):
+def sums_and_sizes(values: jax.Array, indices: jax.Array, base, size: int, drop=None):
     """Per-centroid sums of `values` and cluster sizes, from one scatter of `(v, 1)` pairs.
+
+    `drop`: flat positions of weights that belong to no cluster (outliers).
 
     Above `_PAIR_CHUNK` weights the pairs are built and scattered chunk by chunk, each
     chunk only after the previous scatter (`after`), so one chunk-sized pair buffer
@@ -90,7 +110,7 @@ def sums_and_sizes(values: jax.Array, indices: jax.Array, base, size: int):
     """
     real = jnp.promote_types(values.dtype, jnp.float32)
     v = values.reshape(-1).astype(real)
-    pos = positions(indices, base)
+    pos = positions(indices, base, drop, size)
     out = None
     for start in range(0, pos.shape[0], _PAIR_CHUNK):
         part = v[start : start + _PAIR_CHUNK]
@@ -157,7 +177,9 @@ def _take_summing_pairs_bwd(residuals, g):
 take_summing_pairs.defvjp(_take_summing_pairs_fwd, _take_summing_pairs_bwd)
 
 
-def centroid_sizes(lp: LeafPlan, weight_grad: jax.Array, indices: jax.Array) -> jax.Array:
+def centroid_sizes(
+    lp: LeafPlan, weight_grad: jax.Array, indices: jax.Array, outliers=None
+) -> jax.Array:
     """Cluster sizes shaped like the leaf's table, for the optimizer's "mean" aggregation.
 
     Returns `(sizes, weight_grad)`: where `pairs_in_backward(lp)`, the sizes come from the
@@ -167,8 +189,58 @@ def centroid_sizes(lp: LeafPlan, weight_grad: jax.Array, indices: jax.Array) -> 
     """
     size = lp.num_groups * lp.num_clusters
     if pairs_in_backward(lp):
-        _, counts = sums_and_sizes(weight_grad, indices, lp.base(), size)
+        _, counts = sums_and_sizes(weight_grad, indices, lp.base(), size, outliers)
         weight_grad = after(weight_grad, counts)
     else:
-        counts = sizes(indices, lp.base(), size)
+        counts = sizes(indices, lp.base(), size, outliers)
     return counts.reshape(lp.table_shape), weight_grad
+
+
+def outlier_values(w: jax.Array) -> jax.Array:
+    """Outliers' values as stored: float16, rounded to nearest, clipped to its range.
+
+    `apply`, `strip` and the packed file all use these values, so a loaded file equals
+    `strip` bit for bit (cast back to the leaf dtype).
+    """
+    big = float(jnp.finfo(jnp.float16).max)
+    return jnp.clip(w.astype(jnp.float32), -big, big).astype(jnp.float16)
+
+
+def put_outliers(dense: jax.Array, outliers: jax.Array, values: jax.Array) -> jax.Array:
+    """`dense` with the flat positions `outliers` set to `values` (cast to its dtype)."""
+    dense = jnp.asarray(dense)
+    flat = dense.reshape(-1).at[outliers].set(values.astype(dense.dtype), mode="drop")
+    return flat.reshape(dense.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def take_with_outliers(w, flat, indices, base, outliers, pairs):
+    """The clustered weight with outliers: `flat[base + indices]`, and at the flat
+    positions `outliers` the weight's own value (`outlier_values(w)`), in `w`'s dtype.
+
+    Gradients: `w` gets the upstream gradient everywhere (straight-through for the
+    clustered weights, the plain gradient for the outliers); `flat` gets the per-centroid
+    sums of the upstream gradient over the clustered weights only (the `(g, 1)` pair
+    scatter if `pairs`, see `sums_and_sizes`).
+    """
+    dense = take(flat, indices, base).astype(w.dtype)
+    return put_outliers(dense, outliers, outlier_values(w.reshape(-1)[outliers]))
+
+
+def _take_with_outliers_fwd(w, flat, indices, base, outliers, pairs):
+    out = take_with_outliers(w, flat, indices, base, outliers, pairs)
+    # w only for its dtype (XLA drops an unused residual); the table is tiny.
+    return out, (w, flat, indices, base, outliers)
+
+
+def _take_with_outliers_bwd(pairs, residuals, g):
+    w, flat, indices, base, outliers = residuals
+    size = flat.shape[0]
+    if pairs:
+        s, _ = sums_and_sizes(g, indices, base, size, outliers)
+    else:
+        s = sums(g, indices, base, size, outliers)
+    return g.astype(w.dtype), s.astype(flat.dtype), None, None, None
+
+
+take_with_outliers.defvjp(_take_with_outliers_fwd, _take_with_outliers_bwd)

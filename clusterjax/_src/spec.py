@@ -40,6 +40,12 @@ class ClusterSpec:
         in `clusterjax.optimizer`; `"sum"` keeps the plain (segment-sum) gradient.
       update_indices: re-assign weights to their nearest centroid after every optimizer
         step (differentiable training). `False` freezes the indices found at `init`.
+      outliers: the fraction of the leaf's weights kept exactly, outside the tables, as a
+        sparse part ("dense-and-sparse", SqueezeLLM): a float in `[0, 1)`, default `0.0`.
+        `init` picks `round(outliers * size)` of them per leaf: the largest
+        `importance * w**2` when `importance` is given, else the largest `|w|`. They are
+        left out of the k-means, keep their own value (rounded to float16, as the packed
+        file stores them) and get their plain gradient in training.
 
     Example:
       >>> import clusterjax as cj
@@ -56,6 +62,7 @@ class ClusterSpec:
     preserve_sparsity: bool = False
     gradient_aggregation: Aggregation = "mean"
     update_indices: bool = True
+    outliers: float = 0.0
 
     def __post_init__(self):
         k = self.num_clusters
@@ -107,6 +114,18 @@ class ClusterSpec:
                     f"ClusterSpec({name}={getattr(self, name)!r}): {name} must be a bool."
                 )
             object.__setattr__(self, name, bool(getattr(self, name)))
+        f = self.outliers
+        if (
+            isinstance(f, (bool, np.bool_))
+            or not isinstance(f, (int, float, np.integer, np.floating))
+            or not 0.0 <= float(f) < 1.0
+        ):
+            raise ValueError(
+                f"ClusterSpec(outliers={f!r}): outliers is the fraction of each leaf's "
+                "weights kept exactly (a float in [0, 1)). Fix: e.g. "
+                "ClusterSpec(num_clusters=16, outliers=0.005) for 0.5%."
+            )
+        object.__setattr__(self, "outliers", float(f))
 
     @property
     def bits(self) -> int:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
@@ -18,11 +19,11 @@ PyTree = Any
 class ClusterState(NamedTuple):
     """Everything clustering adds to a model, as a pytree of arrays.
 
-    `centroids`, `indices` and `masks` have the structure of the params they were made
-    for, with `None` at leaves that are not clustered. `plan` is static: it is part of
-    the tree structure, not a leaf, so `jax.tree.leaves(state)` holds arrays only, a
-    `ClusterState` is a valid `jax.jit` argument, and `flax.serialization` and orbax
-    store the three array fields (restore into a `ClusterState` from `cj.init` as the
+    `centroids`, `indices`, `masks` and `outliers` have the structure of the params they
+    were made for, with `None` at leaves that are not clustered. `plan` is static: it is
+    part of the tree structure, not a leaf, so `jax.tree.leaves(state)` holds arrays
+    only, a `ClusterState` is a valid `jax.jit` argument, and `flax.serialization` and
+    orbax store the array fields (restore into a `ClusterState` from `cj.init` as the
     target).
 
     Attributes:
@@ -34,6 +35,11 @@ class ClusterState(NamedTuple):
         (`True` = kept, `False` = pruned), `None` elsewhere.
       plan: the `Plan` from `cj.init`: every clustered leaf's `ClusterSpec` and table
         geometry. Static.
+      outliers: where a leaf's spec has `outliers > 0`: the sorted int32 flat (C-order)
+        positions of its weights kept exactly, shape `(LeafPlan.num_outliers,)`; `None`
+        elsewhere. Their values are read from params (see `clusterjax.apply`). The whole
+        field may be `None` when no leaf has outliers. (It follows `plan` so that the
+        positional form `ClusterState(centroids, indices, masks, plan)` stays valid.)
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -50,6 +56,7 @@ class ClusterState(NamedTuple):
     indices: PyTree
     masks: PyTree
     plan: Plan | None = None
+    outliers: PyTree = None
 
     @property
     def specs(self) -> PyTree:
@@ -66,7 +73,7 @@ def _is_none(x: Any) -> bool:
     return x is None
 
 
-_ARRAY_FIELDS = ("centroids", "indices", "masks")
+_ARRAY_FIELDS = ("centroids", "indices", "masks", "outliers")
 
 
 def _flatten_with_keys(s: ClusterState):
@@ -74,11 +81,12 @@ def _flatten_with_keys(s: ClusterState):
 
 
 def _flatten(s: ClusterState):
-    return (s.centroids, s.indices, s.masks), s.plan
+    return (s.centroids, s.indices, s.masks, s.outliers), s.plan
 
 
 def _unflatten(plan: Plan | None, children) -> ClusterState:
-    return ClusterState(*children, plan)
+    centroids, indices, masks, outliers = children
+    return ClusterState(centroids, indices, masks, plan, outliers)
 
 
 jax.tree_util.register_pytree_with_keys(ClusterState, _flatten_with_keys, _unflatten, _flatten)
@@ -91,8 +99,9 @@ serialization.register_serialization_state(Plan, lambda plan: {}, lambda target,
 class LeafState(NamedTuple):
     """One leaf of params with its plan and its part of the `ClusterState`.
 
-    `plan`, `centroids`, `indices` and `mask` are `None` for a leaf that is not
-    clustered (and `mask` for a clustered leaf without `preserve_sparsity`).
+    `plan`, `centroids`, `indices`, `mask` and `outliers` are `None` for a leaf that is
+    not clustered (`mask` for a clustered leaf without `preserve_sparsity`, `outliers`
+    for one without outliers).
     """
 
     plan: LeafPlan | None
@@ -100,6 +109,7 @@ class LeafState(NamedTuple):
     centroids: Any
     indices: Any
     mask: Any
+    outliers: Any = None
 
 
 def leaves(params: PyTree, state: ClusterState, caller: str) -> list[LeafState]:
@@ -120,8 +130,13 @@ def leaves(params: PyTree, state: ClusterState, caller: str) -> list[LeafState]:
             f"{caller}: this ClusterState has no plan (plan={plan!r}). Build states with "
             "cj.init, and change them with state._replace(centroids=...) so the plan stays."
         )
-    fields = [flatten_like(params, getattr(state, f), f"state.{f}") for f in _ARRAY_FIELDS]
     flat_w = jax.tree.leaves(params, is_leaf=_is_none)
+    fields = [
+        [None] * len(flat_w)
+        if f == "outliers" and state.outliers is None
+        else flatten_like(params, getattr(state, f), f"state.{f}")
+        for f in _ARRAY_FIELDS
+    ]
     if len(flat_w) != len(plan.leaves):
         raise ValueError(
             f"{caller}: params have {len(flat_w)} leaves but the ClusterState's plan has "
@@ -129,22 +144,23 @@ def leaves(params: PyTree, state: ClusterState, caller: str) -> list[LeafState]:
             "params."
         )
     out = []
-    for lp, path, w, c, i, m in zip(plan.leaves, plan.paths, flat_w, *fields):
+    for lp, path, w, c, i, m, o in zip(plan.leaves, plan.paths, flat_w, *fields):
         if lp is None:
-            if c is not None or i is not None or m is not None:
+            if c is not None or i is not None or m is not None or o is not None:
                 raise ValueError(
                     f"{caller}: leaf {path!r} is not clustered in the state's plan, but the "
-                    "state holds centroids/indices/masks for it. Fix: build the state with "
-                    "cj.init."
+                    "state holds centroids/indices/masks/outliers for it. Fix: build the "
+                    "state with cj.init."
                 )
             out.append(LeafState(None, w, None, None, None))
             continue
-        _check_leaf(caller, lp, w, c, i, m)
-        out.append(LeafState(lp, w, c, i, m if lp.spec.preserve_sparsity else None))
+        _check_leaf(caller, lp, w, c, i, m, o)
+        mask = m if lp.spec.preserve_sparsity else None
+        out.append(LeafState(lp, w, c, i, mask, o if lp.num_outliers else None))
     return out
 
 
-def _check_leaf(caller: str, lp: LeafPlan, w, c, i, m) -> None:
+def _check_leaf(caller: str, lp: LeafPlan, w, c, i, m, o) -> None:
     path = lp.path
     if w is None or tuple(np.shape(w)) != lp.shape:
         got = None if w is None else tuple(np.shape(w))
@@ -173,6 +189,23 @@ def _check_leaf(caller: str, lp: LeafPlan, w, c, i, m) -> None:
         raise ValueError(
             f"{caller}: state.masks at {path!r} must be a bool array of shape {lp.shape} "
             "(preserve_sparsity=True). Fix: re-run cj.init."
+        )
+    m_out = lp.num_outliers
+    if m_out and (
+        o is None
+        or tuple(np.shape(o)) != (m_out,)
+        or not jnp.issubdtype(jnp.result_type(o), jnp.integer)
+    ):
+        got = None if o is None else f"{jnp.result_type(o)} {tuple(np.shape(o))}"
+        raise ValueError(
+            f"{caller}: state.outliers at {path!r} is {got}; the leaf's spec keeps "
+            f"outliers={lp.spec.outliers} of its {lp.size} weights, so it must hold their "
+            f"{m_out} int32 positions. Fix: re-run cj.init."
+        )
+    if not m_out and o is not None:
+        raise ValueError(
+            f"{caller}: state.outliers at {path!r} holds an array, but the leaf's spec keeps "
+            "no outliers. Fix: re-run cj.init."
         )
 
 

@@ -43,9 +43,10 @@ class Summary:
       rows: one dict per array leaf, in tree order, with keys `path` ('/'-joined),
         `shape` (tuple), `dtype`, `num_clusters` (K; `None` for a dense leaf),
         `granularity`, `bits` (index bits), `distinct_values` (distinct values of the
-        clustered weight), `sparsity` (fraction of exact zeros), `bits_per_weight`
+        clustered weight, outliers included), `sparsity` (fraction of exact zeros),
+        `outliers` (the number kept exactly; `None` for a dense leaf), `bits_per_weight`
         (of the packed bytes), `packed_bytes` (what the file stores for the leaf:
-        bit-packed indices plus tables, or the dense array), `original_bytes` (the
+        bit-packed indices plus tables plus outliers, or the dense array), `original_bytes` (the
         leaf as a dense array of its own dtype: 2 bytes per element for bfloat16, 8 for
         int64), `compression_ratio` (original / packed: 1.0 for a dense leaf),
         `float32_bytes` (4 per element, whatever the dtype: the size of a float32 copy,
@@ -143,7 +144,13 @@ def _leaf_row(path: str, leaf: Any, original: Any | None) -> tuple[dict[str, Any
         n, packed_bytes = leaf.size, leaf.nbytes
         # Distinct values and zeros come from the used (table, index) pairs: O(n + G*K).
         tables = np.asarray(leaf.tables)
-        flat_ids = (np.asarray(leaf._base()) + leaf.indices().astype(np.int64)).reshape(-1)
+        flat_ids = np.broadcast_to(
+            np.asarray(leaf._base()) + leaf.indices().astype(np.int64), leaf.shape
+        ).reshape(-1)
+        extra = np.zeros(0, np.float64)
+        if leaf.num_outliers:  # outliers read their own values, not the tables
+            flat_ids = np.delete(flat_ids, np.asarray(leaf.outlier_positions))
+            extra = np.asarray(leaf.outlier_values).astype(leaf.dtype).astype(np.float64)
         counts = np.bincount(flat_ids, minlength=tables.size)
         values = tables.reshape(-1).astype(leaf.dtype).astype(np.float64)
         used = counts > 0
@@ -157,8 +164,11 @@ def _leaf_row(path: str, leaf: Any, original: Any | None) -> tuple[dict[str, Any
             "num_clusters": leaf.num_clusters,
             "granularity": leaf.granularity,
             "bits": leaf.bits,
-            "distinct_values": len(np.unique(values[used])),
-            "sparsity": int(counts[used & (values == 0)].sum()) / n if n else 0.0,
+            "distinct_values": len(np.unique(np.concatenate([values[used], extra]))),
+            "sparsity": (int(counts[used & (values == 0)].sum()) + int(np.sum(extra == 0))) / n
+            if n
+            else 0.0,
+            "outliers": leaf.num_outliers,
             "relative_l2_error": err,
         }
         shape, dtype = leaf.shape, leaf.dtype
@@ -172,6 +182,7 @@ def _leaf_row(path: str, leaf: Any, original: Any | None) -> tuple[dict[str, Any
             "bits": None,
             "distinct_values": None,
             "sparsity": np.count_nonzero(arr == 0) / n if n else 0.0,
+            "outliers": None,
             "relative_l2_error": 0.0,
         }
         shape, dtype = tuple(arr.shape), arr.dtype.name
