@@ -418,3 +418,20 @@ def test_an_explicit_rule_clusters_a_tiny_leaf(tmp_path):
     }
     expected = cj.strip(arrays, cj.init(arrays, spec_rules, key=jax.random.key(0)))
     assert bits_equal(cj.load(tmp_path / "m.cjx")[_TINY], expected[_TINY])
+
+
+def test_outliers_flag_writes_a_version_2_file(checkpoint, capsys):
+    out = checkpoint / "outliers.cjx"
+    assert cli("compress", checkpoint / "model.npz", "-k", "4", "--init", "linear",
+               "--outliers", "0.01", "--quiet", "--out", out) == 0  # fmt: skip
+    assert cli("inspect", out) == 0
+    assert "format version 2" in capsys.readouterr().out
+    params = _nested(_arrays())
+    spec = cj.ClusterSpec(num_clusters=4, init="linear", outliers=0.01)
+    expected = cj.strip(params, cj.init(params, spec, key=jax.random.key(0)))
+    loaded = cj.load(out, packed=True)
+    assert loaded["Dense_0"]["kernel"].num_outliers == 20  # 1% of 64 x 32
+    assert bits_equal(cj.load(out)["Dense_0"]["kernel"], expected["Dense_0"]["kernel"])
+    assert cli("compress", checkpoint / "model.npz", "-k", "4", "--outliers", "1.5",
+               "--out", out) == 2  # fmt: skip
+    assert "outliers=1.5" in capsys.readouterr().err

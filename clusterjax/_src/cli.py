@@ -29,7 +29,7 @@ from clusterjax._src.spec import GRANULARITIES, INIT_METHODS
 
 _SPEC_KEYS = (
     "num_clusters", "init", "granularity", "channel_axis", "group_size",
-    "preserve_sparsity", "gradient_aggregation", "update_indices",
+    "preserve_sparsity", "gradient_aggregation", "update_indices", "outliers",
 )  # fmt: skip
 _INPUTS = (".safetensors", ".npz", ".msgpack")
 _OUTPUTS = (".safetensors", ".npz", ".msgpack")
@@ -257,6 +257,7 @@ def _default_spec(args: argparse.Namespace):
             channel_axis=args.channel_axis,
             group_size=args.group_size,
             preserve_sparsity=args.preserve_sparsity,
+            outliers=args.outliers,
         )
     except ValueError as err:
         raise CLIError(str(err)) from None
@@ -325,7 +326,8 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"file": args.file, "rows": report.rows, "totals": report.totals}))
     else:
-        print(f"{args.file}: clusterjax packed file, format version {fileformat.file_version(blob)}")
+        version = fileformat.file_version(blob)
+        print(f"{args.file}: clusterjax packed file, format version {version}")
         print(report)
     return 0
 
@@ -385,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--channel-axis", type=int, default=-1, help="channel axis (default -1: Flax outputs)"
     )
     c.add_argument("--preserve-sparsity", action="store_true", help="keep exact zeros exactly zero")
+    c.add_argument(
+        "--outliers",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="fraction of each leaf's weights kept exactly, the largest |w| (default 0)",
+    )
     c.add_argument(
         "--rules",
         metavar="FILE",

@@ -340,9 +340,7 @@ class PackedArray:
         """Bytes of the packed indices, the tables and the outliers (what the file stores
         for it: 6 bytes per outlier, its int32 position and float16 value)."""
         return int(
-            np.asarray(self.packed).nbytes
-            + np.asarray(self.tables).nbytes
-            + 6 * self.num_outliers
+            np.asarray(self.packed).nbytes + np.asarray(self.tables).nbytes + 6 * self.num_outliers
         )
 
     def __repr__(self) -> str:
@@ -539,9 +537,7 @@ def _pack_leaf(leaf: LeafState) -> PackedArray:
     positions = values = None
     if leaf.outliers is not None:
         positions = np.asarray(leaf.outliers)
-        if positions.dtype.kind not in "iu" or np.any(
-            (positions < 0) | (positions >= lp.size)
-        ):
+        if positions.dtype.kind not in "iu" or np.any((positions < 0) | (positions >= lp.size)):
             raise ValueError(
                 f"cj.pack: state.outliers at {lp.path!r} must hold int32 positions in "
                 f"[0, {lp.size}). Fix: re-run cj.init."

@@ -57,7 +57,7 @@ def positions(indices: jax.Array, base, drop=None, size: int = 0) -> jax.Array:
     The flat positions `drop` (outliers) get `size`, one past the tables: scatters drop it.
     """
     if drop is not None:
-        pos = (base + indices.astype(jnp.int32)).reshape(-1)
+        pos = (base + jnp.asarray(indices).astype(jnp.int32)).reshape(-1)
         return pos.at[drop].set(size, mode="drop").reshape(-1, 1)
     if isinstance(base, int) and base == 0:
         # One table: the small unsigned indices as they are (no int32 copy of the leaf).
