@@ -9,12 +9,19 @@ gradient of a whole batch is a different, much noisier quantity: per-example gra
 of opposite sign cancel in it.)
 
 Per-example gradients are computed with `jax.vmap(jax.grad(...))` over the examples of
-a batch, optionally in chunks to bound memory, squared and accumulated in float32 in one
-jitted function (one compilation per batch shape).
+a chunk, squared and accumulated in float32 in one jitted function (one compilation per
+batch shape): a `lax.scan` over the chunks of a batch, whose carry (the running sums,
+donated, so updated in place) is the only model-sized array besides one chunk's
+gradients. The chunk size defaults to what fits in `_CHUNK_BYTES` of gradients, so a
+large model (SmolLM2-135M: 425 MB of gradients per example) is processed one example
+at a time and a small one a whole batch at once. For a language model an "example" is
+a sequence and its loss the mean over the sequence's tokens (SqueezeLLM's choice): the
+squared gradient of a sequence, not of a token.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -29,6 +36,8 @@ from clusterjax._src.spec import ClusterSpec
 from clusterjax._src.tree import leaves_with_paths
 
 PyTree = Any
+# Default memory budget for one chunk of per-example gradients (float32).
+_CHUNK_BYTES = 1 << 28
 Select = None | str | ClusterSpec | Mapping[str, ClusterSpec | None] | Callable[[str, Any], Any]
 
 
@@ -130,7 +139,8 @@ def fisher_importance(
       reduction: `"mean"` (default) divides the sum over examples by their number (the
         Fisher estimate); `"sum"` keeps the sum.
       chunk_size: examples whose gradients are materialized at once (memory: about
-        `chunk_size` x the selected params). `None`: a whole batch at once.
+        `chunk_size` x the selected params, in float32). `None` (default): as many as
+        fit in 256 MiB, at least one (a whole batch for a small model).
 
     Returns:
       A pytree with params' structure: float32 arrays of non-negative importances, shaped
@@ -199,7 +209,8 @@ def fisher_importance(
         grads = jax.grad(lambda s: loss_fn(rebuild(s, rest_leaves), single))(sel_leaves)
         return [jnp.square(g.astype(jnp.float32)) for g in grads]
 
-    @jax.jit
+    # The running sums are donated: updated in place, not copied per batch.
+    @functools.partial(jax.jit, donate_argnums=0)
     def accumulate(acc, sel_leaves, rest_leaves, batch, weight):
         # batch: (chunks, chunk, ...); weight: (chunks, chunk), 0 marks padding examples.
         def body(acc, item):
@@ -215,12 +226,15 @@ def fisher_importance(
         return acc
 
     acc = [jnp.zeros(jnp.shape(w), jnp.float32) for w in sel]
+    if chunk_size is None:
+        per_example = 4 * sum(int(np.prod(jnp.shape(w))) for w in sel)
+        chunk_size = max(1, _CHUNK_BYTES // max(per_example, 1))
     count = 0
     for batch in batches:
         n = _batch_size(batch)
         if n == 0:
             continue
-        size = n if chunk_size is None else min(int(chunk_size), n)
+        size = min(int(chunk_size), n)
         chunks = -(-n // size)
         pad = chunks * size - n
 
