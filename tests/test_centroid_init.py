@@ -366,10 +366,13 @@ def test_jit_does_not_retrace_and_works_under_outer_jit():
     size = centroid_init._init_tables._cache_size()
     run(x + 1.0, jax.random.key(1))  # new data and key, same shapes
     assert centroid_init._init_tables._cache_size() == size
-    # Every K <= 256 shares one compilation (K is traced).
-    for k in (3, 32, 256):
+    # K is traced within its power-of-two bucket: K = 3 shares K = 4's compilation ...
+    out = init_tables(x, num_clusters=3, method="kmeans", key=KEY)
+    assert centroid_init._init_tables._cache_size() == size and out.shape == (1, 3)
+    # ... and K = 17..32 share one more.
+    for k in (17, 32):
         out = init_tables(x, num_clusters=k, method="kmeans", key=KEY)
-        assert centroid_init._init_tables._cache_size() == size and out.shape == (1, k)
+        assert centroid_init._init_tables._cache_size() == size + 1 and out.shape == (1, k)
     np.testing.assert_array_equal(first.shape, (1, 4))
     # Under an outer jit (traced values): same result as the eager call.
     run_pp = lambda x, key: init_tables(x, num_clusters=4, method="kmeans++", key=key)  # noqa: E731

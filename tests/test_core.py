@@ -178,7 +178,8 @@ def test_mismatched_state_raises_naming_the_path():
     reshaped["dense"]["kernel"] = jnp.ones((16, 32))
     with pytest.raises(ValueError, match=r"param 'dense/kernel' has shape \(16, 32\), but"):
         cj.update_indices(reshaped, state)
-    bad_indices = state._replace(indices={**state.indices, "dense": {"kernel": jnp.zeros((2, 2))}})
+    dense = {**state.indices["dense"], "kernel": jnp.zeros((2, 2))}
+    bad_indices = state._replace(indices={**state.indices, "dense": dense})
     with pytest.raises(ValueError, match=r"state.indices at 'dense/kernel' has shape \(2, 2\)"):
         cj.strip(params, bad_indices)
     with pytest.raises(ValueError, match="expected a ClusterState"):

@@ -35,10 +35,13 @@ between them depends on the data.
   ``S2 - 2 c S1 + c^2 W``. A draw picks a cell with probability proportional to its cost,
   then the value inside it by binary search on the cumulative cost. One seeding step is
   therefore O(K log n) per candidate and the whole seeding O(K^2 log n), never O(n K).
-* ``kmeans``: kmeans++ seeding, then Lloyd iterations until no centroid moves (capped at
-  ``_LLOYD_MAX_ITERS``). A Lloyd iteration is ``K`` binary searches for the cell
-  boundaries plus prefix-sum look-ups for the cell means: O(K log n) after the one sort.
-  In 1-D Lloyd from kmeans++ typically stalls a few percent above the optimum at
+* ``kmeans``: seeds with the asymptotically optimal centroid density ``p^(1/3)`` (high
+  resolution quantization theory; ``_density_seeds``, from ``4 kmax`` equal-count bins,
+  deterministic and O(kmax log kmax): the refinement below is global, so kmeans++'s
+  O(kmax^2 log n) seeding would buy nothing), then Lloyd iterations until no centroid
+  moves (capped at ``_LLOYD_MAX_ITERS``). A Lloyd iteration is ``K`` binary searches for
+  the cell boundaries plus prefix-sum look-ups for the cell means: O(K log n) after the
+  one sort. In 1-D Lloyd typically stalls a few percent above the optimum at
   ``K = 256`` (it is a slow diffusion of the centroid density that freezes once the moves
   become smaller than the spacing of the values, and Student-t data has genuine local
   minima). The result is then *refined globally*: the cells of the Lloyd solution are cut
@@ -48,7 +51,8 @@ between them depends on the data.
   Lloyd solution are bin edges, so this can only lower the cost), and Lloyd is run again
   from the bin-optimal centroids. When a range has at most ``B`` values the bins are the
   values themselves and the DP is the exact 1-D k-means optimum. The lower-SSE of the two
-  Lloyd results is returned.
+  Lloyd results is returned. ``K`` is padded to the next power of two (at least
+  ``_KMAX_MIN``), so the per-table work scales with ``K``, not with a fixed 256.
 
 **Precision.** Prefix sums over ``10^7`` float32 values lose far too much in plain
 float32 (cell costs are small differences of large sums), so they are kept as
@@ -85,10 +89,12 @@ _LLOYD_MAX_ITERS = 300
 _DP_MIN_BINS_PER_CLUSTER = 16
 # ... and at least this many bins in all (cheap for small K, and closer to exact).
 _DP_MIN_BINS = 2048
-# Smallest compiled table size (K is traced below it).
-_KMAX_MIN = 256
+# Smallest compiled table size (K is traced up to the next power of two).
+_KMAX_MIN = 4
+# Equal-count bins per centroid of the density seeding of "kmeans".
+_SEED_BINS_PER_CLUSTER = 4
 # Inputs of at least this many values are compiled with the backend's optimizations.
-_OPTIMIZE_FROM = 1 << 20
+_OPTIMIZE_FROM = 1 << 15
 # Padding value of unused table entries while a table is being built (finite on purpose).
 _BIG = 1e30
 
@@ -154,9 +160,10 @@ def init_tables(
     if n == 0:
         return jnp.zeros((g, num_clusters), jnp.float32)
     w = None if importance is None else jnp.asarray(importance, jnp.float32)
-    # The table size is static and the actual K is traced: every K <= _KMAX_MIN shares
-    # one compilation per shape and method (the kmeans programs take seconds to
-    # compile; a model's layers at K = 4, 8, 16, 32 would otherwise compile 4 times).
+    # The table size is static and the actual K is traced: K = 5..8 share one compilation
+    # per shape and method, and so on for every power of two. The per-table work (seeding,
+    # Lloyd, the DP) is O(kmax) per step, so padding K to a far larger table (as a single
+    # compilation for every K would need) multiplies the cost of per-channel tables.
     kmax = max(_KMAX_MIN, 1 << (num_clusters - 1).bit_length())
     # Small inputs: compile with LLVM's optimizations off (the kmeans programs compile
     # ~2.5x faster and the run is a few ms either way); large inputs: optimized code,
@@ -687,13 +694,50 @@ def _cells(xc, table, t, start, stop):
 # --------------------------------------------------------------------------------------
 
 
+def _density_seeds(xc, pf, start, stop, k, kmax):
+    """Seeds with the asymptotically optimal density ``p^(1/3)`` (sorted (kmax,) table).
+
+    High-resolution quantization theory: the centroids of an optimal quantizer of a
+    density ``p`` are spread with density proportional to ``p^(1/3)``. The range is cut
+    into ``_SEED_BINS_PER_CLUSTER * kmax`` equal-count bins; a bin of weight ``m`` and
+    width ``d`` has density ``m / d`` and so carries ``m^(1/3) d^(2/3)`` of the
+    centroids; the ``k`` centroids sit at the midpoints ``(i + 0.5) / k`` of that measure,
+    linearly inside a bin. Deterministic, O(kmax log kmax) after the sort.
+    """
+    n = xc.shape[0]
+    nb = _SEED_BINS_PER_CLUSTER * kmax
+    size = jnp.maximum(stop - start, 0)
+    i = jnp.arange(nb + 1, dtype=jnp.int32)
+    q, r = jnp.divmod(size, nb)
+    e = start + i * q + (i * r) // nb  # i * r < nb^2 fits in int32
+    lo = xc[jnp.clip(e[:-1], 0, n - 1)]
+    hi = xc[jnp.clip(jnp.minimum(e[1:], stop - 1), 0, n - 1)]
+    width = jnp.maximum(hi - lo, 0.0)
+    mass = jnp.maximum(_df_sub(pf.weight_at(e[1:]), pf.weight_at(e[:-1])).hi, 0.0)
+    lam = jnp.cbrt(mass) * jnp.cbrt(width) ** 2
+    cum = jnp.cumsum(lam)
+    total = cum[-1]
+    j = jnp.arange(kmax)
+    target = (j.astype(jnp.float32) + 0.5) / jnp.maximum(k, 1).astype(jnp.float32) * total
+    b = jnp.clip(jnp.searchsorted(cum, target, side="left"), 0, nb - 1)
+    before = cum[b] - lam[b]
+    frac = jnp.clip((target - before) / jnp.where(lam[b] > 0, lam[b], 1.0), 0.0, 1.0)
+    seeds = lo[b] + frac * width[b]
+    seeds = jnp.where(total > 0, seeds, xc[jnp.clip(start, 0, n - 1)])
+    return jnp.where(j < k, jnp.sort(jnp.where(j < k, seeds, _BIG)), _BIG)
+
+
 def _kmeans_range(xc, pf, rng, k, key, ref, *, kmax, refine):
     """kmeans++ (and, if ``refine``, Lloyd + DP refinement) on one range of centred values."""
     start, stop = rng.start, rng.stop
     total_w = pf.sums(start, stop)[0].hi
-    table = _kmeanspp(xc, pf, start, stop, k, kmax, key)
     if refine:
-        table = _kmeans_refine(xc, pf, start, stop, k, kmax, table)
+        # The refinement is global (DP), so cheap deterministic seeds do as well as
+        # kmeans++ here, at O(kmax log kmax) instead of O(kmax^2 log n).
+        seeds = _density_seeds(xc, pf, start, stop, k, kmax)
+        table = _kmeans_refine(xc, pf, start, stop, k, kmax, seeds)
+    else:
+        table = _kmeanspp(xc, pf, start, stop, k, kmax, key)
     out = _finish(table + ref, k, rng)
     # A range that carries no importance at all: nothing to fit, fall back to linear.
     return jnp.where(total_w > 0, out, _finish(_linear_table(rng, k, kmax), k, rng))
@@ -804,10 +848,7 @@ def _lloyd(xc, pf, start, stop, k, kmax, table):
 
 
 def _kmeans_refine(xc, pf, start, stop, k, kmax, seeds):
-    """Lloyd from the seeds; DP on bins cut from its cells; Lloyd again; the better one.
-
-    Both Lloyd runs go through one loop of two stages so that they compile once.
-    """
+    """Lloyd from the seeds; DP on bins cut from its cells; Lloyd again; the better one."""
     n = xc.shape[0]
     nbins, exact = _dp_bins(n, kmax)
     # Bins per Lloyd cell for the traced k (the k used cells share all nbins bins).
@@ -829,23 +870,15 @@ def _kmeans_refine(xc, pf, start, stop, k, kmax, seeds):
         edges = jnp.where(e < per_cell * k, lo_c + offs, stop)
         return jnp.concatenate([edges, jnp.broadcast_to(stop, (1,))])
 
-    def stage(s, carry):
-        table, best, best_cost = carry
-        table, cost, lower, upper = _lloyd(xc, pf, start, stop, k, kmax, table)
-        better = cost <= best_cost
-        best = jnp.where(better, table, best)
-        best_cost = jnp.where(better, cost, best_cost)
-        if kmax > 1:
-            table = lax.cond(
-                s == 0,
-                lambda: _dp_optimum(pf, bins(lower, upper), k, kmax),
-                lambda: table,
-            )
-        return table, best, best_cost
-
-    stages = 2 if kmax > 1 else 1
-    _, best, _ = lax.fori_loop(0, stages, stage, (seeds, seeds, jnp.float32(jnp.inf)))
-    return best
+    if kmax == 1:
+        return _lloyd(xc, pf, start, stop, k, kmax, seeds)[0]
+    # Two Lloyd runs around one DP, written out: in a loop the DP would sit in a
+    # lax.cond, which vmap (per-channel tables) turns into computing it twice.
+    first, cost, lower, upper = _lloyd(xc, pf, start, stop, k, kmax, seeds)
+    second, cost2, _, _ = _lloyd(
+        xc, pf, start, stop, k, kmax, _dp_optimum(pf, bins(lower, upper), k, kmax)
+    )
+    return jnp.where(cost2 <= cost, second, first)
 
 
 def _dp_bins(n, kmax):

@@ -25,8 +25,10 @@ class ClusterSpec:
         `preserve_sparsity`).
       init: centroid initialization, one of `"linear"` (evenly spaced over [min, max]),
         `"random"` (uniform in [min, max]), `"density"` (quantiles of the empirical CDF
-        at `(i + 0.5) / K`), `"kmeans++"` (D^2 seeding) or `"kmeans"` (k-means++ seeding
-        refined by Lloyd iterations to convergence).
+        at `(i + 0.5) / K`), `"kmeans++"` (greedy D^2 seeding, `2 + ln K` candidates per
+        centre) or `"kmeans"` (the default: the 1-D k-means optimum, exact for tables of
+        up to ~100-2000 values and within a bin-resolution bound above that; see
+        BUILD.md).
       granularity: `"tensor"` (one table for the whole leaf), `"channel"` (one table per
         index along `channel_axis`) or `"group"` (one table per `group_size` consecutive
         channels along `channel_axis`).
@@ -55,7 +57,7 @@ class ClusterSpec:
     """
 
     num_clusters: int
-    init: InitMethod = "kmeans++"
+    init: InitMethod = "kmeans"
     granularity: Granularity = "tensor"
     channel_axis: int = -1
     group_size: int | None = None
