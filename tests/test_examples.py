@@ -82,3 +82,18 @@ def test_nnx_mlp(tmp_path):
 
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
+
+
+def test_small_k(tmp_path):
+    argv = ["--models", "mlp", "--clusters", "2", "--seeds", "2", "--inits", "linear"]
+    argv += ["--fisher-damping", "0.1", "--steps", "2", "--no-progress", "--out", str(tmp_path)]
+    out = _load("small_k").main(argv)
+    text = _outputs(tmp_path)
+    assert [r[:3] for r in out["rows"]] == [
+        ["mlp", 2, "linear"],
+        ["mlp", 2, "kmeans + Fisher (0.1)"],
+    ]
+    for before, after in out["acc"].values():
+        assert len(before) == len(after) == 2
+        assert all(0.0 <= a <= 1.0 for a in before + after)
+    assert "0.673" in text  # tfmot's number for the MLP at K = 2 is in the table
