@@ -56,6 +56,9 @@ def parse(argv):
     p.add_argument("--finetune-epochs", type=int, default=3)
     p.add_argument("--finetune-lr", type=float, default=1e-4)
     p.add_argument(
+        "--layers", default=C.KERNELS, help="regex of the leaves to cluster (default: all kernels)"
+    )
+    p.add_argument(
         "--fisher-damping",
         type=float,
         default=None,
@@ -94,7 +97,7 @@ def main(argv=None) -> dict:
         if args.fisher_damping is not None:
             imp = cj.fisher_importance(
                 lambda p, b, model=model: C._xent(model.apply({"params": p}, b[0]), b[1]),
-                params, [(data[0][:512], data[1][:512])], select=C.KERNELS,
+                params, [(data[0][:512], data[1][:512])], select=args.layers,
             )  # fmt: skip
             fisher = dict(importance=imp, importance_damping=args.fisher_damping)
             variants.append((f"kmeans + Fisher ({args.fisher_damping:g})", fisher))
@@ -103,7 +106,7 @@ def main(argv=None) -> dict:
                 before, after = [], []
                 for seed in range(args.seeds):
                     spec = cj.ClusterSpec(num_clusters=k, init=init.split(" ")[0])
-                    state = cj.init(params, {C.KERNELS: spec}, key=jax.random.key(seed), **extra)
+                    state = cj.init(params, {args.layers: spec}, key=jax.random.key(seed), **extra)
                     before.append(C.accuracy(model, cj.strip(params, state), x_te, y_te))
                     p2, s2 = C.train_clustered(
                         model, params, state, data, epochs=args.finetune_epochs,
@@ -128,12 +131,12 @@ def main(argv=None) -> dict:
     floats = ", ".join(f"{n} {a:.3f}" for n, a in base.items())
     text = (
         f"# Small K, tfmot's recipe: digits test accuracy\n\n"
-        f"Data: {C.SPLIT}. Float models (trained once, seed 0): {floats}. Every kernel "
-        f"clustered per tensor, fine-tuned {args.finetune_epochs} epochs Adam "
+        f"Data: {C.SPLIT}. Float models (trained once, seed 0): {floats}. Leaves matching "
+        f"`{args.layers}` clustered per tensor, fine-tuned {args.finetune_epochs} epochs Adam "
         f"{args.finetune_lr} (constant), batch 64, with the README train step, then "
         f"stripped. Median (min-max) over {args.seeds} clustering seeds.\n\n"
         f"{C.markdown_table(header, rows)}\n\n"
-        "First kernel's table after fine-tuning (seed 0): "
+        "First clustered table after fine-tuning (seed 0): "
         + "; ".join(f"{n} {i} K={k}: {t}" for (n, i, k), t in tables.items())
         + f"\n\n{timer.report()}\n"
     )
