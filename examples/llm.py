@@ -210,10 +210,12 @@ def probe(path: str, config: L.LlamaConfig, tokens: np.ndarray) -> dict:
     """Resident memory of loading `path` and of one forward on `tokens` (run this in a
     fresh process: the numbers are the process's own).
 
-    `weights_bytes` is the resident growth from loading the model (after the load's
-    temporaries are freed); `forward_peak_bytes` the peak resident growth over the same
-    baseline during a second (compiled) forward: weights, activations and the one
-    layer expanded in flight.
+    `array_bytes` / `blocks_bytes` are the bytes of the arrays the forward holds (all
+    of them / the 30 blocks'); `weights_bytes` is the resident growth from loading the
+    model (after the load's temporaries are freed: it also counts heap the allocators
+    keep); `forward_peak_bytes` the peak resident growth over the same baseline during a
+    second (compiled) forward, and `forward_extra_bytes` its part above the resident
+    size after loading: activations and the layer expanded in flight.
     """
     tokens = jnp.asarray(tokens)
     jnp.zeros(1).block_until_ready()  # the runtime is up before the baseline
@@ -230,6 +232,9 @@ def probe(path: str, config: L.LlamaConfig, tokens: np.ndarray) -> dict:
     peak = _status("VmHWM") if reset else _status("VmRSS")
     return {
         "file_bytes": os.path.getsize(path),
+        "array_bytes": sum(x.nbytes for x in jax.tree.leaves(model)),
+        "blocks_bytes": sum(x.nbytes for x in jax.tree.leaves(model["blocks"])),
+        "forward_extra_bytes": peak - loaded,
         "weights_bytes": loaded - base,
         "forward_peak_bytes": peak - base,
         "peak_measured": "VmHWM reset before the forward" if reset else "resident after",
@@ -453,23 +458,43 @@ def write_report(args, out, rows, ref_ppl, fisher_s, packed, timer, n_tokens, fi
             "",
             "## Running from the packed 4-bit file\n",
             markdown_table(
-                ["file", "file MB", "resident weights MB", "peak during forward MB"],
+                [
+                    "file",
+                    "file MB",
+                    "arrays MB",
+                    "blocks' arrays MB",
+                    "RSS after load MB",
+                    "RSS peak in forward MB",
+                    "forward above loaded MB",
+                    "forward s",
+                ],
                 [
                     [
                         name,
-                        f"{d['file_bytes'] / 1e6:.1f}",
-                        f"{d['weights_bytes'] / 1e6:.1f}",
-                        f"{d['forward_peak_bytes'] / 1e6:.1f}",
+                        *(
+                            f"{d[k] / 1e6:.1f}"
+                            for k in (
+                                "file_bytes",
+                                "array_bytes",
+                                "blocks_bytes",
+                                "weights_bytes",
+                                "forward_peak_bytes",
+                                "forward_extra_bytes",
+                            )
+                        ),
+                        f"{d['forward_seconds']:.2f}",
                     ]
                     for name, d in (("float32", f), ("packed", p))
                 ],
-            ),
+            ),  # fmt: skip
             "",
-            f"Resident weights shrink {f['weights_bytes'] / max(p['weights_bytes'], 1):.2f}x, "
+            f"The blocks' weights shrink {f['blocks_bytes'] / p['blocks_bytes']:.2f}x, all "
+            f"arrays {f['array_bytes'] / p['array_bytes']:.2f}x (the float32 embedding is in "
+            f"both), resident growth {f['weights_bytes'] / max(p['weights_bytes'], 1):.2f}x, "
             f"the forward's peak {f['forward_peak_bytes'] / max(p['forward_peak_bytes'], 1):.2f}x "
-            f"(growth over each fresh process's baseline; forward on 1 x {args.seq_len} "
-            f"tokens, {p['peak_measured']}). Max |logits difference| packed forward vs "
-            f"`cj.strip` + float forward: {packed['max_abs_logits_diff']:.3g}.",
+            f"(RSS growth over each fresh process's baseline; forward on 1 x "
+            f"{args.seq_len} tokens, {p['peak_measured']}). Max |logits difference| packed "
+            f"forward vs `cj.strip` + float forward: {packed['max_abs_logits_diff']:.3g}.",
         ]
     text += ["", timer.report(), ""]
     path = write_results(out, "\n".join(text))
