@@ -8,9 +8,9 @@ here is plain JAX / NumPy:
   `y = x @ w` and the output channel is the last axis), a `LlamaConfig` read from the
   file's metadata, and a `tokenizers` byte-level BPE built from the file's own vocabulary
   and merges.
-* `log_probs` is the jitted forward pass. The 30 blocks are stacked along a leading axis
-  and run with `jax.lax.scan`, and every parameter goes through `weight_fn` where the
-  layer uses it: the default `cj.unpack` is the identity on arrays and
+* `logits` / `log_probs` are the jitted forward pass. The 30 blocks are stacked along a
+  leading axis and run with `jax.lax.scan`, and every parameter goes through `weight_fn`
+  where the layer uses it: the default `cj.unpack` is the identity on arrays and
   `PackedArray.unpack()` on packed leaves, so a model whose blocks hold packed weights
   (one `PackedArray` per layer, stacked with `stack_layers`) expands one layer's weights
   at a time inside `jit`.
@@ -361,25 +361,44 @@ def block(
 
 
 @functools.partial(jax.jit, static_argnames=("config", "weight_fn"))
-def log_probs(
+def logits(
     params: PyTree,
     tokens: jax.Array,
     config: LlamaConfig,
     weight_fn: Callable = cj.unpack,
 ) -> jax.Array:
-    """Next-token log-probabilities `(B, T, V)` (float32) for `tokens (B, T)`.
+    """Next-token logits `(B, T, V)` (float32) for `tokens (B, T)`.
 
-    Position `t` is the distribution of token `t + 1` given tokens `0..t`. The blocks run
-    under `jax.lax.scan` over the leading axis of `params["blocks"]`; the output head is
-    `params["head"]` if present, else the transposed embedding (tied). `weight_fn` is a
-    static argument: pass a module-level function (a new lambda per call recompiles).
-    NumPy params are copied to the device at every call: `jax.device_put` them once.
+    Position `t` scores token `t + 1` given tokens `0..t`. The blocks run under
+    `jax.lax.scan` over the leading axis of `params["blocks"]`; the output head is
+    `params["head"]` if present, else the transposed embedding (tied). Every parameter
+    goes through `weight_fn` where it is used, inside the scan: with one `PackedArray`
+    per linear weight stacked over the layers (`stack_layers`), the default `cj.unpack`
+    expands one layer's weights at a time. `weight_fn` is a static argument: pass a
+    module-level function (a new lambda per call recompiles). NumPy params are copied
+    to the device at every call: `jax.device_put` them once.
 
     Example:
       >>> c = LlamaConfig(vocab=11, dim=8, layers=2, heads=2, kv_heads=1, hidden=16)
-      >>> lp = log_probs(random_params(c), jnp.zeros((2, 5), int), c)
-      >>> lp.shape, bool(jnp.allclose(jnp.exp(lp).sum(-1), 1.0, atol=1e-5))
-      ((2, 5, 11), True)
+      >>> p = random_params(c)
+      >>> logits(p, jnp.zeros((2, 5), int), c).shape
+      (2, 5, 11)
+
+      Running from packed weights: cluster the per-layer trees, pack them, stack the
+      `PackedArray`s; the forward expands them inside jit (`cj.load(path, packed=True)`
+      of a saved model gives the same `PackedArray`s):
+
+      >>> per_layer = layers(p)
+      >>> spec = cj.ClusterSpec(num_clusters=4, init="linear", granularity="channel")
+      >>> state = cj.init(per_layer, {rf".*/({'|'.join(LINEAR)})": spec}, key=jax.random.key(0))
+      >>> packed = {**p, "blocks": stack_layers(cj.pack(per_layer, state))}
+      >>> type(packed["blocks"]["ffn_up"]).__name__
+      'PackedArray'
+      >>> dense = {**p, "blocks": stack_layers(cj.strip(per_layer, state))}
+      >>> tokens = jnp.zeros((1, 5), int)
+      >>> diff = logits(packed, tokens, c) - logits(dense, tokens, c)
+      >>> float(jnp.max(jnp.abs(diff))) <= 1e-5
+      True
     """
     positions = jnp.arange(tokens.shape[1])
     embed = weight_fn(params["embed"])
@@ -391,7 +410,25 @@ def log_probs(
     x, _ = jax.lax.scan(step, x, params["blocks"])
     x = rms_norm(x, weight_fn(params["norm"]), config.eps)
     head = weight_fn(params["head"]) if "head" in params else embed.T
-    return jax.nn.log_softmax(x @ head, axis=-1)
+    return x @ head
+
+
+@functools.partial(jax.jit, static_argnames=("config", "weight_fn"))
+def log_probs(
+    params: PyTree,
+    tokens: jax.Array,
+    config: LlamaConfig,
+    weight_fn: Callable = cj.unpack,
+) -> jax.Array:
+    """Next-token log-probabilities `(B, T, V)` (float32): `log_softmax` of `logits`.
+
+    Example:
+      >>> c = LlamaConfig(vocab=11, dim=8, layers=2, heads=2, kv_heads=1, hidden=16)
+      >>> lp = log_probs(random_params(c), jnp.zeros((2, 5), int), c)
+      >>> lp.shape, bool(jnp.allclose(jnp.exp(lp).sum(-1), 1.0, atol=1e-5))
+      ((2, 5, 11), True)
+    """
+    return jax.nn.log_softmax(logits(params, tokens, config, weight_fn), axis=-1)
 
 
 def random_params(config: LlamaConfig, seed: int = 0, scale: float = 0.2) -> PyTree:

