@@ -1,10 +1,10 @@
 """The packed file format: `save`, `load`, `FormatError`. No pickle anywhere.
 
-Layout, versions 1 and 2 (all integers little-endian; the full spec is in BUILD.md,
+Layout, versions 1 to 3 (all integers little-endian; the full spec is in BUILD.md,
 "Packed file format"):
 
     offset 0    magic    8 bytes   b"CLUSTJAX"
-    offset 8    version  uint32    1, or 2 when a leaf has an optional part (outliers)
+    offset 8    version  uint32    1; 2 with outliers; 3 with a table-format part
     offset 12   hlen     uint64    length of the header in bytes
     offset 20   header   hlen bytes: a UTF-8 JSON object, padded with spaces so that
                                    the data starts at a multiple of 8
@@ -20,8 +20,11 @@ Anything wrong raises `FormatError` (a `ValueError`) naming the leaf and the pro
 
 **Optional parts.** Version 2 lets a clustered leaf carry optional *parts*: a key of the
 leaf's entry whose value is an object with its own exact set of fields, describing
-arrays stored after the leaf's indices, in the order of `_PARTS`. The only part so far is
-`"outliers"` (sorted int32 flat positions, float16 values). A part is described once, in
+arrays stored after the leaf's indices, in the order of `_PARTS`: `"outliers"` (version 2:
+sorted int32 flat positions, float16 values), and the table formats of version 3:
+`"vectors"` (`cluster_dim`, `vector_axis`; no arrays), `"lut"` (an int8 / uint8 table
+with a float32 scale, and a uint8 zero point for uint8, per table) and `"scales"`
+(float16 per-channel scales along `axis`). A part is described once, in
 `_PARTS` (the version that introduced it, its fields and arrays); a new part is a new
 entry there and a new version number, so that older readers refuse such files ("upgrade
 clusterjax") instead of silently ignoring the part. The writer writes the lowest version
@@ -588,12 +591,12 @@ def _check_entry(entry: Any, end: int, num_leaves: int, version: int = VERSION) 
         ):
             fail(f"group_size {group_size!r} is invalid for {shape[axis]} {granularity}s")
         table_shape = [shape[axis] // group_size, k]
-    for name in parts:
-        part = entry[name]
-        fields = _PARTS[name].fields(entry)
+    for pname in parts:
+        part = entry[pname]
+        fields = _PARTS[pname].fields(entry)
         if not isinstance(part, dict) or set(part) != fields:
             got = sorted(part) if isinstance(part, dict) else type(part).__name__
-            fail(f"part {name!r} must be an object with fields {sorted(fields)}, got {got}")
+            fail(f"part {pname!r} must be an object with fields {sorted(fields)}, got {got}")
     n_idx = size
     if "vectors" in parts:
         d, va = entry["vectors"]["cluster_dim"], entry["vectors"]["vector_axis"]
@@ -629,9 +632,9 @@ def _check_entry(entry: Any, end: int, num_leaves: int, version: int = VERSION) 
                 "axis of 'channel' / 'group' tables)"
             )
         counts["scales"] = (shape[sa], shape[sa])
-    for name in _PARTS:
-        if name in parts and _PARTS[name].arrays:
-            end = _check_part(name, entry, counts[name], size, end, fail)
+    for pname in _PARTS:
+        if pname in parts and _PARTS[pname].arrays:
+            end = _check_part(pname, entry, counts[pname], size, end, fail)
     return end
 
 
