@@ -435,3 +435,27 @@ def test_outliers_flag_writes_a_version_2_file(checkpoint, capsys):
     assert cli("compress", checkpoint / "model.npz", "-k", "4", "--outliers", "1.5",
                "--out", out) == 2  # fmt: skip
     assert "outliers=1.5" in capsys.readouterr().err
+
+
+def test_table_format_flags_write_a_version_3_file(checkpoint, capsys):
+    out = checkpoint / "formats.cjx"
+    flags = ["--cluster-dim", "2", "--lut-dtype", "int8", "--per-channel-scale", "--quiet"]
+    assert cli("compress", checkpoint / "model.npz", "-k", "16", *flags, "--out", out) == 0
+    assert cli("inspect", out) == 0
+    text = capsys.readouterr().out
+    assert "format version 3" in text and "tensor d=2 int8 +scale" in text
+    params = _nested(_arrays())
+    spec = cj.ClusterSpec(num_clusters=16, cluster_dim=2, lut_dtype="int8", per_channel_scale=True)
+    expected = cj.strip(params, cj.init(params, spec, key=jax.random.key(0)))
+    for name in ("Dense_0", "Dense_1"):
+        assert bits_equal(cj.load(out)[name]["kernel"], expected[name]["kernel"])
+    packed = cj.load(out, packed=True)["Dense_0"]["kernel"]
+    assert packed.cluster_dim == 2 and packed.lut_dtype == "int8" and packed.scale_axis == 1
+    # 32 x 32 indices of 4 bits, an int8 table of 16 x 2, its scale, 32 float16 scales.
+    assert packed.nbytes == 512 + 32 + 4 + 64
+    assert cli("compress", checkpoint / "model.npz", "-k", "4", "--cluster-dim", "3",
+               "--out", out) == 2  # fmt: skip
+    assert "cluster_dim=3 does not divide" in capsys.readouterr().err
+    assert cli("compress", checkpoint / "model.npz", "-k", "4", "--cluster-dim", "2",
+               "--init", "linear", "--out", out) == 2  # fmt: skip
+    assert "scalar-only init" in capsys.readouterr().err

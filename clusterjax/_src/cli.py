@@ -30,6 +30,7 @@ from clusterjax._src.spec import GRANULARITIES, INIT_METHODS
 _SPEC_KEYS = (
     "num_clusters", "init", "granularity", "channel_axis", "group_size",
     "preserve_sparsity", "gradient_aggregation", "update_indices", "outliers",
+    "cluster_dim", "vector_axis", "lut_dtype", "per_channel_scale",
 )  # fmt: skip
 _INPUTS = (".safetensors", ".npz", ".msgpack")
 _OUTPUTS = (".safetensors", ".npz", ".msgpack")
@@ -258,6 +259,10 @@ def _default_spec(args: argparse.Namespace):
             group_size=args.group_size,
             preserve_sparsity=args.preserve_sparsity,
             outliers=args.outliers,
+            cluster_dim=args.cluster_dim,
+            vector_axis=args.vector_axis,
+            lut_dtype=args.lut_dtype,
+            per_channel_scale=args.per_channel_scale,
         )
     except ValueError as err:
         raise CLIError(str(err)) from None
@@ -393,6 +398,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="FRACTION",
         help="fraction of each leaf's weights kept exactly, the largest |w| (default 0)",
+    )
+    c.add_argument(
+        "--cluster-dim",
+        type=int,
+        default=1,
+        metavar="D",
+        help="vector tables: D consecutive weights along --vector-axis share one index "
+        "(default 1: scalar tables)",
+    )
+    c.add_argument(
+        "--vector-axis",
+        type=int,
+        default=-2,
+        help="axis of the vectors with --cluster-dim > 1 (default -2: Flax kernel inputs)",
+    )
+    c.add_argument(
+        "--lut-dtype",
+        choices=("int8", "uint8"),
+        default=None,
+        help="store the tables quantized, one scale per table (default: float tables)",
+    )
+    c.add_argument(
+        "--per-channel-scale",
+        action="store_true",
+        help="divide each channel (--channel-axis) by its float16 max |w| before one table "
+        "is fitted",
     )
     c.add_argument(
         "--rules",

@@ -18,7 +18,9 @@ import numpy as np
 
 from clusterjax._src import assign as _assign
 from clusterjax._src import centroid_init as _centroid_init
+from clusterjax._src import lut as _lut
 from clusterjax._src import segments
+from clusterjax._src import vectors as _vectors
 from clusterjax._src.plan import LeafPlan, Plan, SpecOrRules, resolve, table_dtype
 from clusterjax._src.state import ClusterState, LeafState, map_leaves
 from clusterjax._src.straight_through import straight_through
@@ -27,11 +29,25 @@ from clusterjax._src.tree import flatten_like
 PyTree = Any
 
 
-def _assign_leaf(lp: LeafPlan, w: jax.Array, centroids: jax.Array, mask: jax.Array | None):
-    """Nearest-centroid indices for one leaf (masked weights -> the zero centroid 0)."""
+def _assign_leaf(
+    lp: LeafPlan, w: jax.Array, centroids: jax.Array, mask: jax.Array | None, scales=None
+):
+    """Nearest-centroid indices for one leaf (masked weights -> the zero centroid 0).
+
+    `centroids` are the values the leaf reads (`read_tables`): with `lut_dtype`, the
+    quantized table. With per-channel scales the weight is compared as `w / scale`
+    (the same nearest centroid as `w` against `scale * table`, scales being positive).
+    """
     k = lp.num_clusters
-    tables = centroids.reshape(-1, k)
     dtype = lp.spec.index_dtype
+    if scales is not None:
+        w = w.astype(jnp.float32) / lp.scale_view(scales).astype(jnp.float32)
+    if lp.cluster_dim > 1:
+        d = lp.cluster_dim
+        x = lp.grouped(lp.vectors(w))
+        tables = jnp.asarray(centroids).reshape(-1, k, d)
+        return lp.ungrouped(_vectors.assign(x, tables, dtype=dtype))
+    tables = centroids.reshape(-1, k)
     if mask is None:
         # Straight to the index dtype: no int32 array of the leaf's size is materialized.
         return _assign.assign(w, tables, lp.base(), dtype=dtype)
@@ -54,6 +70,60 @@ _clustered = {
 }
 
 
+def decode(
+    lp: LeafPlan,
+    table: jax.Array,
+    indices: jax.Array,
+    dtype,
+    scales: jax.Array | None = None,
+    outlier_positions: jax.Array | None = None,
+    outlier_values: jax.Array | None = None,
+    *,
+    pairs: bool = False,
+) -> jax.Array:
+    """The dense weight of a clustered leaf: the one reconstruction rule.
+
+    `table` holds the values the leaf reads (`read_tables`: the fixed zero centroid
+    pinned, a quantized table dequantized). Element `e` is
+    `table[group][indices][j]` (`j`: its position in its vector for `cluster_dim > 1`),
+    times `scales[c]` (in the table's dtype) with per-channel scales, cast to `dtype`;
+    outliers take their float16 values. `clusterjax.strip`, `clusterjax.apply`'s generic
+    forward and `PackedArray.unpack` all call it, so they agree bit for bit.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import clusterjax as cj
+      >>> from clusterjax._src.core import decode
+      >>> from clusterjax._src.plan import resolve
+      >>> spec = cj.ClusterSpec(num_clusters=2, cluster_dim=2)
+      >>> lp = resolve({"w": jnp.zeros((4, 1))}, {"w": spec}).leaves[0]
+      >>> table = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+      >>> decode(lp, table, jnp.array([[1], [0]], jnp.uint8), jnp.float32)[:, 0].tolist()
+      [3.0, 4.0, 1.0, 2.0]
+    """
+    d = lp.cluster_dim
+    table = jnp.asarray(table)
+    flat = table.reshape(-1, d) if d > 1 else table.reshape(-1)
+    take = segments.take_summing_pairs if pairs else segments.take
+    dense = lp.unvectors(take(flat, indices, lp.base()))
+    if scales is not None:
+        dense = dense * lp.scale_view(scales).astype(dense.dtype)
+    dense = dense.astype(dtype)
+    if outlier_positions is None:
+        return dense
+    return segments.put_outliers(dense, outlier_positions, outlier_values)
+
+
+@functools.cache
+def _generic_forward(lp: LeafPlan, pairs: bool):
+    """The straight-through forward of a leaf with vectors or scales (no outliers)."""
+
+    def forward(w, table, indices, scales):
+        return decode(lp, table, indices, w.dtype, scales, pairs=pairs)
+
+    return straight_through(forward)
+
+
 def tables(leaf: LeafState) -> jax.Array:
     """The centroid table(s) a clustered leaf reads, shaped like `leaf.centroids`.
 
@@ -63,6 +133,20 @@ def tables(leaf: LeafState) -> jax.Array:
     if leaf.mask is None:
         return leaf.centroids
     return jnp.asarray(leaf.centroids).at[..., 0].set(0)
+
+
+def read_tables(leaf: LeafState, *, train: bool = False) -> jax.Array:
+    """The table values a clustered leaf reads: `tables(leaf)`, then quantized to its
+    `lut_dtype` (with a straight-through gradient when `train`, for CQAT)."""
+    t = tables(leaf)
+    lut_dtype = leaf.plan.spec.lut_dtype
+    if lut_dtype is None:
+        return t
+    n = leaf.plan.num_groups
+    if train:
+        return _lut.fake_quantize(jnp.asarray(t), lut_dtype, n)
+    q, scale, zp = _lut.quantize(t, lut_dtype, n)
+    return _lut.dequantize(q, scale, zp, num_groups=n, dtype=jnp.result_type(t))
 
 
 def _check_finite(path: str, w: Any) -> None:
@@ -192,10 +276,10 @@ def init_from_plan(
         imp_flat = flatten_like(params, importance, "importance (the importance tree)")
     else:
         imp_flat = [None] * len(flat_w)
-    fields: tuple[list, list, list, list] = ([], [], [], [])
+    fields: tuple[list, list, list, list, list] = ([], [], [], [], [])
     for position, (lp, w, imp) in enumerate(zip(plan.leaves, flat_w, imp_flat)):
         if lp is None:
-            out = (None, None, None, None)
+            out = (None, None, None, None, None)
         else:
             out = _init_leaf(lp, w, imp, importance_damping, jax.random.fold_in(key, position))
             # Finish this leaf before the next one is dispatched: asynchronous dispatch
@@ -206,15 +290,55 @@ def init_from_plan(
         if on_leaf is not None:
             on_leaf(plan.paths[position])
     treedef = jax.tree.structure(params, is_leaf=lambda x: x is None)
-    centroids, indices, masks, outliers = (jax.tree.unflatten(treedef, f) for f in fields)
-    return ClusterState(centroids, indices, masks, plan, outliers)
+    centroids, indices, masks, outliers, scales = (jax.tree.unflatten(treedef, f) for f in fields)
+    return ClusterState(centroids, indices, masks, plan, outliers, scales)
+
+
+def channel_scales(lp: LeafPlan, w: jax.Array) -> jax.Array:
+    """float16 per-channel scales: `max |w|` over each channel along `lp.scale_axis`,
+    rounded to float16 (1 for an all-zero channel).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import clusterjax as cj
+      >>> from clusterjax._src.core import channel_scales
+      >>> from clusterjax._src.plan import resolve
+      >>> w = jnp.array([[0.5, 0.0, -3.0], [-2.0, 0.0, 1.0]])
+      >>> lp = resolve({"w": w}, {"w": cj.ClusterSpec(num_clusters=2, per_channel_scale=True)}).leaves[0]
+      >>> channel_scales(lp, w).tolist()
+      [2.0, 1.0, 3.0]
+    """  # noqa: E501
+    a = lp.scale_axis
+    other = tuple(i for i in range(len(lp.shape)) if i != a)
+    top = jnp.max(jnp.abs(jnp.asarray(w, jnp.float32)), axis=other)
+    big = float(jnp.finfo(jnp.float16).max)
+    top = jnp.clip(top, 0.0, big).astype(jnp.float16)
+    return jnp.where(top > 0, top, jnp.ones((), jnp.float16))
 
 
 def _init_leaf(lp: LeafPlan, w, imp, damping, key):
-    """(table, indices, mask, outlier positions) of one leaf."""
+    """(table, indices, mask, outlier positions, scales) of one leaf."""
     spec = lp.spec
     _check_finite(lp.path, w)
     w = jnp.asarray(w)
+    scales = None
+    x = w
+    if lp.scale_axis is not None:
+        scales = channel_scales(lp, w)
+        x = w.astype(jnp.float32) / lp.scale_view(scales).astype(jnp.float32)
+    if lp.cluster_dim > 1:
+        if imp is not None:
+            raise ValueError(
+                f"cj.init: leaf {lp.path!r} has cluster_dim={lp.cluster_dim}; importance "
+                "weighting is implemented for scalar tables only. Fix: pass None for this "
+                "leaf in the importance tree, or cluster_dim=1."
+            )
+        vecs = lp.grouped(lp.vectors(x)).astype(jnp.float32)
+        tables = _vectors.init_tables(
+            vecs, num_clusters=spec.num_clusters, method=spec.init, key=key
+        ).astype(table_dtype(w.dtype))
+        table = tables[0] if lp.axis is None else tables
+        return table, _assign_init(lp, w, table, None, scales), None, None, scales
     weights = None
     if imp is not None:
         if tuple(np.shape(imp)) != lp.shape:
@@ -227,7 +351,7 @@ def _init_leaf(lp: LeafPlan, w, imp, damping, key):
         if damping:
             weights = jnp.maximum(weights, 0.0)
             weights = weights + jnp.float32(damping) * jnp.mean(weights, -1, keepdims=True)
-    x = lp.grouped(w).astype(jnp.float32)
+    x = lp.grouped(x).astype(jnp.float32)
     outliers = None
     if lp.num_outliers:
         geometry = dataclasses.replace(lp, path="")  # one compilation per geometry
@@ -243,7 +367,13 @@ def _init_leaf(lp: LeafPlan, w, imp, damping, key):
     ).astype(table_dtype(w.dtype))
     table = tables[0] if lp.axis is None else tables
     mask = (w != 0) if spec.preserve_sparsity else None
-    return table, _assign_leaf(lp, w, table, mask), mask, outliers
+    return table, _assign_init(lp, w, table, mask, scales), mask, outliers, scales
+
+
+def _assign_init(lp: LeafPlan, w, table, mask, scales):
+    """The initial indices: nearest to the values the leaf reads (quantized with lut)."""
+    leaf = LeafState(lp, w, table, None, mask, None, scales)
+    return _assign_leaf(lp, w, read_tables(leaf), mask, scales)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -315,22 +445,27 @@ def apply(params: PyTree, state: ClusterState) -> PyTree:
         if lp is None:
             return leaf.w
         w = jnp.asarray(leaf.w)
+        table = read_tables(leaf, train=True)
+        if lp.cluster_dim > 1 or leaf.scales is not None:
+            # Vectors and scales (neither has masks or outliers, see ClusterSpec).
+            pairs = segments.pairs_in_backward(lp)
+            return _generic_forward(lp, pairs)(w, table, leaf.indices, leaf.scales)
         if leaf.mask is None:
             pairs = segments.pairs_in_backward(lp)
             if leaf.outliers is not None:
-                flat = jnp.asarray(leaf.centroids).reshape(-1)
+                flat = jnp.asarray(table).reshape(-1)
                 return segments.take_with_outliers(
                     w, flat, leaf.indices, lp.base(), leaf.outliers, pairs
                 )
-            return _clustered[pairs](w, leaf.centroids, leaf.indices, lp.base())
+            return _clustered[pairs](w, table, leaf.indices, lp.base())
         # Pruned weights get no gradient, and neither does the fixed zero centroid.
         x = jnp.where(leaf.mask, w, jax.lax.stop_gradient(w))
         if leaf.outliers is not None:
-            flat = tables(leaf).reshape(-1)
+            flat = table.reshape(-1)
             return segments.take_with_outliers(
                 x, flat, leaf.indices, lp.base(), leaf.outliers, False
             )
-        return _clustered[False](x, tables(leaf), leaf.indices, lp.base())
+        return _clustered[False](x, table, leaf.indices, lp.base())
 
     return map_leaves(params, state, "cj.apply", one)
 
@@ -357,11 +492,12 @@ def strip(params: PyTree, state: ClusterState) -> PyTree:
         if lp is None:
             return leaf.w
         w = jnp.asarray(leaf.w)
-        dense = _lookup(w, tables(leaf), leaf.indices, lp.base(), pairs=False)
-        if leaf.outliers is None:
-            return dense
-        values = segments.outlier_values(w.reshape(-1)[leaf.outliers])
-        return segments.put_outliers(dense, leaf.outliers, values)
+        values = None
+        if leaf.outliers is not None:
+            values = segments.outlier_values(w.reshape(-1)[leaf.outliers])
+        return decode(
+            lp, read_tables(leaf), leaf.indices, w.dtype, leaf.scales, leaf.outliers, values
+        )
 
     return map_leaves(params, state, "cj.strip", one)
 
@@ -402,6 +538,6 @@ def update_indices(params: PyTree, state: ClusterState, *, force: bool = False) 
         lp = leaf.plan
         if lp is None or not (lp.spec.update_indices or force):
             return leaf.indices
-        return _assign_leaf(lp, jnp.asarray(leaf.w), leaf.centroids, leaf.mask)
+        return _assign_leaf(lp, jnp.asarray(leaf.w), read_tables(leaf), leaf.mask, leaf.scales)
 
     return state._replace(indices=map_leaves(params, state, "cj.update_indices", one))

@@ -1,10 +1,10 @@
 """The packed file format: `save`, `load`, `FormatError`. No pickle anywhere.
 
-Layout, versions 1 and 2 (all integers little-endian; the full spec is in BUILD.md,
+Layout, versions 1 to 3 (all integers little-endian; the full spec is in BUILD.md,
 "Packed file format"):
 
     offset 0    magic    8 bytes   b"CLUSTJAX"
-    offset 8    version  uint32    1, or 2 when a leaf has an optional part (outliers)
+    offset 8    version  uint32    1; 2 with outliers; 3 with a table-format part
     offset 12   hlen     uint64    length of the header in bytes
     offset 20   header   hlen bytes: a UTF-8 JSON object, padded with spaces so that
                                    the data starts at a multiple of 8
@@ -20,8 +20,11 @@ Anything wrong raises `FormatError` (a `ValueError`) naming the leaf and the pro
 
 **Optional parts.** Version 2 lets a clustered leaf carry optional *parts*: a key of the
 leaf's entry whose value is an object with its own exact set of fields, describing
-arrays stored after the leaf's indices, in the order of `_PARTS`. The only part so far is
-`"outliers"` (sorted int32 flat positions, float16 values). A part is described once, in
+arrays stored after the leaf's indices, in the order of `_PARTS`: `"outliers"` (version 2:
+sorted int32 flat positions, float16 values), and the table formats of version 3:
+`"vectors"` (`cluster_dim`, `vector_axis`; no arrays), `"lut"` (an int8 / uint8 table
+with a float32 scale, and a uint8 zero point for uint8, per table) and `"scales"`
+(float16 per-channel scales along `axis`). A part is described once, in
 `_PARTS` (the version that introduced it, its fields and arrays); a new part is a new
 entry there and a new version number, so that older readers refuse such files ("upgrade
 clusterjax") instead of silently ignoring the part. The writer writes the lowest version
@@ -49,7 +52,7 @@ from clusterjax._src.tree import path_components
 
 PyTree = Any
 MAGIC = b"CLUSTJAX"
-VERSION = 2  # the newest version this module reads and writes
+VERSION = 3  # the newest version this module reads and writes
 ALIGN = 8
 _PREFIX = struct.Struct("<8sIQ")
 _MAX_HEADER = 1 << 30
@@ -80,16 +83,23 @@ class _Part(NamedTuple):
 
     `arrays` are `(name, allowed dtypes)` in layout order; array `name` is described by the
     part's fields `{name}_dtype`, `{name}_offset` and `{name}_nbytes`, and holds `count`
-    elements.
+    elements. `scalars` are further integer fields of the part; a part without arrays has
+    no `count`.
     """
 
     version: int
     arrays: tuple[tuple[str, tuple[str, ...]], ...]
+    scalars: tuple[str, ...] = ()
 
-    @property
-    def fields(self) -> set[str]:
-        keys = {"count"}
-        for name, _ in self.arrays:
+    def arrays_of(self, entry: dict) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The arrays this part has in `entry` (a uint8 lut also has zero points)."""
+        if self is _PARTS.get("lut") and entry.get("table_dtype") != "uint8":
+            return self.arrays[:1]
+        return self.arrays
+
+    def fields(self, entry: dict) -> set[str]:
+        keys = set(self.scalars) | ({"count"} if self.arrays else set())
+        for name, _ in self.arrays_of(entry):
             keys |= {f"{name}_dtype", f"{name}_offset", f"{name}_nbytes"}
         return keys
 
@@ -97,7 +107,14 @@ class _Part(NamedTuple):
 # Optional parts of a clustered leaf, in layout order.
 _PARTS = {
     "outliers": _Part(version=2, arrays=(("positions", ("int32",)), ("values", ("float16",)))),
+    # Vector tables: `cluster_dim` weights along `vector_axis` share one index.
+    "vectors": _Part(version=3, arrays=(), scalars=("cluster_dim", "vector_axis")),
+    # Quantized tables: one float32 scale per table (+ a uint8 zero point for uint8).
+    "lut": _Part(version=3, arrays=(("scale", ("float32",)), ("zero_point", ("uint8",)))),
+    # Per-channel float16 scales along `axis`.
+    "scales": _Part(version=3, arrays=(("values", ("float16",)),), scalars=("axis",)),
 }
+_LUT_DTYPES = ("int8", "uint8")
 
 
 class FormatError(ValueError):
@@ -162,7 +179,7 @@ def _plan(packed: PyTree) -> tuple[int, bytes, list[tuple[int, np.ndarray]], int
         seen[name] = jax.tree_util.keystr(keypath)
         if isinstance(leaf, PackedArray):
             tables = np.asarray(leaf.tables)
-            if tables.dtype.name not in _TABLE_DTYPES:
+            if tables.dtype.name not in _TABLE_DTYPES + _LUT_DTYPES:
                 raise ValueError(
                     f"cj.save: leaf {name!r} has centroid tables of dtype {tables.dtype}; "
                     f"the format stores {' or '.join(_TABLE_DTYPES)} tables."
@@ -190,6 +207,32 @@ def _plan(packed: PyTree) -> tuple[int, bytes, list[tuple[int, np.ndarray]], int
                                  f"{key}_offset": off, f"{key}_nbytes": length})  # fmt: skip
                 entry["outliers"] = part
                 version = max(version, _PARTS["outliers"].version)
+            parts: dict[str, Any] = {}
+            if leaf.cluster_dim > 1:
+                parts["vectors"] = (
+                    {"cluster_dim": int(leaf.cluster_dim), "vector_axis": leaf.vector_axis},
+                    {},
+                )
+            if leaf.lut_dtype is not None:
+                arrays = {"scale": np.asarray(leaf.lut_scale, "<f4")}
+                if leaf.lut_dtype == "uint8":
+                    arrays["zero_point"] = np.asarray(leaf.lut_zero_point, np.uint8)
+                parts["lut"] = ({}, arrays)
+            if leaf.scale_axis is not None:
+                parts["scales"] = (
+                    {"axis": leaf.scale_axis},
+                    {"values": np.asarray(leaf.scales, "<f2")},
+                )
+            for pname, (scalars, arrays) in parts.items():
+                part = dict(scalars)
+                if arrays:
+                    part["count"] = int(next(iter(arrays.values())).shape[0])
+                for key, arr in arrays.items():
+                    off, length = place(np.ascontiguousarray(arr))
+                    part.update({f"{key}_dtype": np.dtype(arr.dtype).name,
+                                 f"{key}_offset": off, f"{key}_nbytes": length})  # fmt: skip
+                entry[pname] = part
+                version = max(version, _PARTS[pname].version)
             entries.append(entry)
         else:
             arr = _dense_array(name, leaf)
@@ -548,32 +591,65 @@ def _check_entry(entry: Any, end: int, num_leaves: int, version: int = VERSION) 
         ):
             fail(f"group_size {group_size!r} is invalid for {shape[axis]} {granularity}s")
         table_shape = [shape[axis] // group_size, k]
+    for pname in parts:
+        part = entry[pname]
+        fields = _PARTS[pname].fields(entry)
+        if not isinstance(part, dict) or set(part) != fields:
+            got = sorted(part) if isinstance(part, dict) else type(part).__name__
+            fail(f"part {pname!r} must be an object with fields {sorted(fields)}, got {got}")
+    n_idx = size
+    if "vectors" in parts:
+        d, va = entry["vectors"]["cluster_dim"], entry["vectors"]["vector_axis"]
+        if not _is_int(d) or d < 2:
+            fail(f"part 'vectors': cluster_dim {d!r} must be an integer >= 2")
+        if not _is_int(va) or not 0 <= va < len(shape) or shape[va] % d or va == axis:
+            fail(
+                f"part 'vectors': vector_axis {va!r} must be an axis of shape {shape} "
+                f"(not the channel axis) whose size cluster_dim={d} divides"
+            )
+        table_shape = table_shape + [d]
+        n_idx = size // d
+    if "outliers" in parts and ("vectors" in parts or "scales" in parts):
+        fail("outliers cannot be combined with vector tables or per-channel scales")
     if entry["table_shape"] != table_shape or not all(_is_int(t) for t in table_shape):
         fail(f"table_shape {entry['table_shape']!r}, expected {table_shape}")
     t_dtype = entry["table_dtype"]
-    if not isinstance(t_dtype, str) or t_dtype not in _TABLE_DTYPES:
-        fail(f"unsupported table dtype {t_dtype!r}; allowed: {', '.join(_TABLE_DTYPES)}")
+    allowed = _LUT_DTYPES if "lut" in parts else _TABLE_DTYPES
+    if not isinstance(t_dtype, str) or t_dtype not in allowed:
+        fail(f"unsupported table dtype {t_dtype!r}; allowed: {', '.join(allowed)}")
     t_bytes = math.prod(table_shape) * _DTYPES[t_dtype].itemsize
     end = chunk("table_offset", "table_nbytes", t_bytes, end)
-    end = chunk("indices_offset", "indices_nbytes", packed_nbytes(size, bits), end)
-    for name in _PARTS:
-        if name in parts:
-            end = _check_part(name, entry[name], size, end, fail)
+    end = chunk("indices_offset", "indices_nbytes", packed_nbytes(n_idx, bits), end)
+    counts = {"outliers": (1, size)}
+    if "lut" in parts:
+        g = 1 if granularity == "tensor" else table_shape[0]
+        counts["lut"] = (g, g)
+    if "scales" in parts:
+        sa = entry["scales"]["axis"]
+        if not _is_int(sa) or not 0 <= sa < len(shape) or (axis is not None and sa != axis):
+            fail(
+                f"part 'scales': axis {sa!r} must be an axis of shape {shape} (the channel "
+                "axis of 'channel' / 'group' tables)"
+            )
+        counts["scales"] = (shape[sa], shape[sa])
+    for pname in _PARTS:
+        if pname in parts and _PARTS[pname].arrays:
+            end = _check_part(pname, entry, counts[pname], size, end, fail)
     return end
 
 
-def _check_part(name: str, part: Any, size: int, end: int, fail) -> int:
-    """Validates the optional part `name` of a clustered leaf; returns where it ends."""
+def _check_part(name: str, entry: dict, counts: tuple, size: int, end: int, fail) -> int:
+    """Validates the arrays of the optional part `name`; returns where they end."""
     spec = _PARTS[name]
-    if not isinstance(part, dict) or set(part) != spec.fields:
-        got = sorted(part) if isinstance(part, dict) else type(part).__name__
-        fail(f"part {name!r} must be an object with fields {sorted(spec.fields)}, got {got}")
+    part = entry[name]
     count = part["count"]
-    if not _is_int(count) or not 1 <= count <= size:
-        fail(f"part {name!r}: count {count!r} must be an integer in [1, {size}]")
+    lo, hi = counts
+    if not _is_int(count) or not lo <= count <= hi:
+        want = f"in [{lo}, {hi}]" if lo != hi else f"{lo}"
+        fail(f"part {name!r}: count {count!r} must be an integer {want}")
     if name == "outliers" and size > 2**31 - 1:
         fail(f"part 'outliers': int32 positions cannot address {size} weights")
-    for array, allowed in spec.arrays:
+    for array, allowed in spec.arrays_of(entry):
         dtype = part[f"{array}_dtype"]
         if not isinstance(dtype, str) or dtype not in allowed:
             fail(f"part {name!r}: {array}_dtype {dtype!r}, allowed: {', '.join(allowed)}")
@@ -605,7 +681,7 @@ def _arrays(entry: dict) -> list[tuple[str, int, int]]:
             part = entry[name]
             out += [
                 (f"{name}/{a}_offset", part[f"{a}_offset"], part[f"{a}_nbytes"])
-                for a, _ in spec.arrays
+                for a, _ in spec.arrays_of(entry)
             ]
     return out
 
@@ -635,26 +711,54 @@ def _read_leaf(entry: dict, data: memoryview, packed: bool) -> tuple[list, Any]:
     t_dtype = _DTYPES[entry["table_dtype"]]
     tables = np.frombuffer(data[t_off : t_off + t_len], t_dtype).reshape(entry["table_shape"])
     tables = tables.astype(t_dtype.newbyteorder("="), copy=True)
-    if not np.all(np.isfinite(tables)):
+    if tables.dtype.kind == "f" and not np.all(np.isfinite(tables)):
         raise FormatError(f"leaf {name!r}: centroid table holds NaN/Inf")
+    d, va = 1, None
+    if "vectors" in entry:
+        d, va = entry["vectors"]["cluster_dim"], entry["vectors"]["vector_axis"]
+    n_idx = size // d
     i_off, i_len = entry["indices_offset"], entry["indices_nbytes"]
     stream = np.frombuffer(data[i_off : i_off + i_len], np.uint8).copy()
-    spare = i_len * 8 - size * bits
+    spare = i_len * 8 - n_idx * bits
     if spare and int(stream[-1]) >> (8 - spare):
         raise FormatError(f"leaf {name!r}: non-zero padding bits after the last index")
-    if size:
-        top = int(_unpack_bits(stream, bits, size).max())
+    if n_idx:
+        top = int(_unpack_bits(stream, bits, n_idx).max())
         if top >= k:
             raise FormatError(f"leaf {name!r}: index {top} out of range for num_clusters={k}")
     positions = values = None
     if "outliers" in entry:
         positions, values = _read_outliers(entry["outliers"], data, size, name)
+    lut_dtype = lut_scale = lut_zero_point = scale_axis = scales = None
+    if "lut" in entry:
+        lut_dtype = entry["table_dtype"]
+        arrays = _read_arrays("lut", entry, data)
+        lut_scale, lut_zero_point = arrays["scale"], arrays.get("zero_point")
+        if not np.all(np.isfinite(lut_scale)):
+            raise FormatError(f"leaf {name!r}: lut scales hold NaN/Inf")
+    if "scales" in entry:
+        scale_axis = entry["scales"]["axis"]
+        scales = _read_arrays("scales", entry, data)["values"]
+        if not np.all(np.isfinite(scales)):
+            raise FormatError(f"leaf {name!r}: per-channel scales hold NaN/Inf")
     arr = PackedArray(
         packed=stream, tables=tables, shape=shape, dtype=entry["dtype"], num_clusters=k,
         granularity=entry["granularity"], channel_axis=entry["channel_axis"],
         group_size=entry["group_size"], outlier_positions=positions, outlier_values=values,
+        cluster_dim=d, vector_axis=va, lut_dtype=lut_dtype, scale_axis=scale_axis,
+        lut_scale=lut_scale, lut_zero_point=lut_zero_point, scales=scales,
     )  # fmt: skip
     return path, (arr if packed else np.asarray(arr.unpack()))
+
+
+def _read_arrays(pname: str, entry: dict, data: memoryview) -> dict[str, np.ndarray]:
+    """The arrays of a validated part, by name, in native byte order."""
+    part, out = entry[pname], {}
+    for array, _ in _PARTS[pname].arrays_of(entry):
+        off, n = part[f"{array}_offset"], part[f"{array}_nbytes"]
+        dtype = _DTYPES[part[f"{array}_dtype"]]
+        out[array] = np.frombuffer(data[off : off + n], dtype).astype(dtype.newbyteorder("="))
+    return out
 
 
 def _read_outliers(part: dict, data: memoryview, size: int, name: str):

@@ -100,6 +100,8 @@ def _average(cs: ClusterState, g_params: PyTree, g_centroids: PyTree, caller: st
             if lp.spec.gradient_aggregation == "mean":
                 # Outliers belong to no cluster: not counted in any size.
                 counts, gw = segments.centroid_sizes(lp, gw, i, o if lp.num_outliers else None)
+                if lp.cluster_dim > 1:  # one size per vector centroid
+                    counts = counts[..., None]
                 gc = jnp.where(counts > 0, gc / jnp.maximum(counts, 1.0).astype(gc.dtype), 0)
         out_w.append(gw)
         out_c.append(gc)

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clusterjax._src import core, segments
-from clusterjax._src.plan import table_base
-from clusterjax._src.spec import GRANULARITIES, index_bits
+from clusterjax._src import core, lut, segments
+from clusterjax._src.plan import LeafPlan
+from clusterjax._src.spec import GRANULARITIES, ClusterSpec, index_bits
 from clusterjax._src.state import ClusterState, LeafState, map_leaves
 
 PyTree = Any
@@ -218,9 +218,22 @@ class PackedArray:
         1-D of one length `m >= 1`: int32 flat (C-order) positions, strictly increasing
         in `[0, size)`, and their float16 values (finite). The index stored for an
         outlier is ignored.
+      * Vector tables (`cluster_dim = d > 1`): `vector_axis` is normalized, divides the
+        weight's size along it by d into the index shape (`LeafPlan.index_shape`, whose
+        `ceil(log2 K)`-bit indices `packed` holds) and differs from `channel_axis`;
+        `tables` have a trailing axis of d. `vector_axis` is `None` for d = 1.
+      * Quantized tables (`lut_dtype` "int8" / "uint8"): `tables` has that dtype,
+        `lut_scale` is float32 `(G,)` (finite, one per table), `lut_zero_point` uint8
+        `(G,)` for uint8 and `None` for int8; the table values are
+        `(tables - zero_point) * lut_scale` in float32 (`clusterjax._src.lut`).
+      * Per-channel scales: `scales` is float16 `(C,)` (finite), `C = shape[scale_axis]`;
+        `scale_axis` equals `channel_axis` where both are set. No outliers with scales
+        or vectors.
       * `unpack()` equals `clusterjax.strip` of the weight bit for bit: element `e` at
-        position `c` along `channel_axis` is `tables[c // group_size][index[e]]` cast to
-        `dtype`, except the outliers, which are their values cast to `dtype`.
+        position `c` along `channel_axis` is `tables[c // group_size][index[e]]` (the
+        vector's component for d > 1), times `scales[c']` for its channel `c'` along
+        `scale_axis`, cast to `dtype`; the outliers are their values cast to `dtype`.
+        The one rule is `clusterjax._src.core.decode`.
 
     Example:
       >>> import jax
@@ -247,6 +260,13 @@ class PackedArray:
     group_size: int = 1
     outlier_positions: Any = None
     outlier_values: Any = None
+    cluster_dim: int = 1
+    vector_axis: int | None = None
+    lut_dtype: str | None = None
+    scale_axis: int | None = None
+    lut_scale: Any = None
+    lut_zero_point: Any = None
+    scales: Any = None
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
@@ -269,7 +289,6 @@ class PackedArray:
         if self.granularity == "tensor":
             if self.channel_axis is not None or self.group_size != 1:
                 fail("granularity='tensor' needs channel_axis=None and group_size=1")
-            table_shape: tuple[int, ...] = (k,)
         else:
             axis, gs = self.channel_axis, self.group_size
             if not isinstance(axis, int) or not 0 <= axis < len(self.shape):
@@ -278,17 +297,71 @@ class PackedArray:
                 fail(f"group_size={gs!r} must divide the {self.shape[axis]} channels")
             if self.granularity == "channel" and gs != 1:
                 fail("granularity='channel' needs group_size=1")
-            table_shape = (self.shape[axis] // gs, k)
+        d, va = self.cluster_dim, self.vector_axis
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
+            fail(f"cluster_dim must be an int >= 1, got {d!r}")
+        if d == 1 and va is not None:
+            fail("vector_axis must be None for cluster_dim=1")
+        if d > 1:
+            if not isinstance(va, int) or not 0 <= va < len(self.shape):
+                fail(f"vector_axis must be normalized to [0, {len(self.shape)}), got {va!r}")
+            if self.shape[va] % d:
+                fail(f"cluster_dim={d} must divide the {self.shape[va]} weights along axis {va}")
+            if va == self.channel_axis:
+                fail("vector_axis must differ from channel_axis")
+        sa = self.scale_axis
+        if sa is not None:
+            if not isinstance(sa, int) or not 0 <= sa < len(self.shape):
+                fail(f"scale_axis must be normalized to [0, {len(self.shape)}), got {sa!r}")
+            if self.channel_axis is not None and sa != self.channel_axis:
+                fail("scale_axis must equal channel_axis")
+        if self.lut_dtype not in (None, "int8", "uint8"):
+            fail(f"lut_dtype must be None, 'int8' or 'uint8', got {self.lut_dtype!r}")
+        lp = self.plan
+        table_shape = lp.table_shape
         if tuple(np.shape(self.tables)) != table_shape:
             fail(f"tables have shape {tuple(np.shape(self.tables))}, expected {table_shape}")
-        if not jnp.issubdtype(jnp.result_type(self.tables), jnp.floating):
-            fail(f"tables must be floating, got {jnp.result_type(self.tables)}")
-        expected = (packed_nbytes(self.size, self.bits),)
+        t_dtype = jnp.result_type(self.tables)
+        if self.lut_dtype is None:
+            if not jnp.issubdtype(t_dtype, jnp.floating):
+                fail(f"tables must be floating, got {t_dtype}")
+            if self.lut_scale is not None or self.lut_zero_point is not None:
+                fail("lut_scale / lut_zero_point need a lut_dtype")
+        else:
+            if t_dtype != jnp.dtype(self.lut_dtype):
+                fail(f"tables must be {self.lut_dtype} for lut_dtype={self.lut_dtype!r}")
+            g = (lp.num_groups,)
+            if np.shape(self.lut_scale) != g or jnp.result_type(self.lut_scale) != jnp.float32:
+                fail(f"lut_scale must be float32 of shape {g}")
+            if not isinstance(self.lut_scale, jax.core.Tracer) and not np.all(
+                np.isfinite(np.asarray(self.lut_scale))
+            ):
+                fail("lut_scale must be finite")
+            if self.lut_dtype == "uint8":
+                zp = self.lut_zero_point
+                if np.shape(zp) != g or jnp.result_type(zp) != jnp.uint8:
+                    fail(f"lut_zero_point must be uint8 of shape {g} for uint8 tables")
+            elif self.lut_zero_point is not None:
+                fail("int8 tables are symmetric: lut_zero_point must be None")
+        if (self.scales is None) != (sa is None):
+            fail("scales and scale_axis must be given together")
+        if sa is not None:
+            if np.shape(self.scales) != lp.scale_shape or jnp.result_type(self.scales) != (
+                jnp.float16
+            ):
+                fail(f"scales must be float16 of shape {lp.scale_shape}")
+            if not isinstance(self.scales, jax.core.Tracer) and not np.all(
+                np.isfinite(np.asarray(self.scales, np.float32))
+            ):
+                fail("scales must be finite")
+        expected = (packed_nbytes(lp.num_indices, self.bits),)
         if tuple(np.shape(self.packed)) != expected or jnp.result_type(self.packed) != jnp.uint8:
             fail(
                 f"packed must be uint8 of shape {expected}, got {jnp.result_type(self.packed)} "
                 f"{tuple(np.shape(self.packed))}"
             )
+        if self.outlier_positions is not None and (d > 1 or sa is not None):
+            fail("outliers cannot be combined with vector tables or per-channel scales")
         pos, val = self.outlier_positions, self.outlier_values
         if (pos is None) != (val is None):
             fail("outlier_positions and outlier_values must be given together")
@@ -316,6 +389,31 @@ class PackedArray:
                 fail("outlier values must be finite")
 
     @property
+    def plan(self) -> LeafPlan:
+        """The `LeafPlan` of this layout (path `""`): the geometry `unpack` decodes with."""
+        spec = ClusterSpec(
+            num_clusters=self.num_clusters,
+            granularity=self.granularity,
+            channel_axis=next(
+                (a for a in (self.channel_axis, self.scale_axis) if a is not None), -1
+            ),
+            group_size=self.group_size if self.granularity == "group" else None,
+            cluster_dim=self.cluster_dim,
+            vector_axis=-2 if self.vector_axis is None else self.vector_axis,
+            lut_dtype=self.lut_dtype,
+            per_channel_scale=self.scale_axis is not None,
+        )
+        return LeafPlan(
+            "",
+            spec,
+            self.shape,
+            self.channel_axis,
+            self.group_size,
+            self.vector_axis,
+            self.scale_axis,
+        )
+
+    @property
     def bits(self) -> int:
         """Bits per index: `ceil(log2(num_clusters))`, at least 1."""
         return index_bits(self.num_clusters)
@@ -337,10 +435,20 @@ class PackedArray:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the packed indices, the tables and the outliers (what the file stores
-        for it: 6 bytes per outlier, its int32 position and float16 value)."""
+        """Bytes of the packed indices, the tables (with their lut scales and zero
+        points), the per-channel scales and the outliers (what the file stores for it:
+        6 bytes per outlier, its int32 position and float16 value); equal to
+        `self.plan.stored_nbytes(self.dtype)`."""
+        extra = sum(
+            np.asarray(x).nbytes
+            for x in (self.lut_scale, self.lut_zero_point, self.scales)
+            if x is not None
+        )
         return int(
-            np.asarray(self.packed).nbytes + np.asarray(self.tables).nbytes + 6 * self.num_outliers
+            np.asarray(self.packed).nbytes
+            + np.asarray(self.tables).nbytes
+            + extra
+            + 6 * self.num_outliers
         )
 
     def __repr__(self) -> str:
@@ -354,11 +462,19 @@ class PackedArray:
                 else f", channel_axis={self.channel_axis}, group_size={self.group_size}"
             )
             + (f", outliers={self.num_outliers}" if self.num_outliers else "")
+            + (
+                f", cluster_dim={self.cluster_dim}, vector_axis={self.vector_axis}"
+                if self.cluster_dim > 1
+                else ""
+            )
+            + (f", lut_dtype={self.lut_dtype!r}" if self.lut_dtype else "")
+            + (f", scale_axis={self.scale_axis}" if self.scale_axis is not None else "")
             + f", nbytes={self.nbytes})"
         )
 
     def indices(self) -> np.ndarray:
-        """The per-weight indices, shaped like the weight (NumPy, `ClusterState`'s dtype).
+        """The indices, shaped like `ClusterState.indices` (the weight's shape, with
+        `vector_axis` divided by d for vector tables), in its dtype (NumPy).
 
         Example:
           >>> import jax
@@ -370,12 +486,9 @@ class PackedArray:
           >>> idx.dtype, bool((idx == state.indices["w"]).all())
           (dtype('uint8'), True)
         """
-        flat = unpack_bits(np.asarray(self.packed), self.bits, self.size)
-        return flat.reshape(self.shape)
-
-    def _base(self) -> np.ndarray | int:
-        """`g * K` of every element's table, broadcastable to `shape` (0 for one table)."""
-        return table_base(self.shape, self.num_clusters, self.channel_axis, self.group_size)
+        lp = self.plan
+        flat = unpack_bits(np.asarray(self.packed), self.bits, lp.num_indices)
+        return flat.reshape(lp.index_shape)
 
     def unpack(self) -> jax.Array:
         """The dense weight `tables[group][indices]` in `dtype`: equal to `strip`'s array.
@@ -400,11 +513,11 @@ class PackedArray:
             self.tables,
             self.outlier_positions,
             self.outlier_values,
-            shape=self.shape,
+            self.lut_scale,
+            self.lut_zero_point,
+            self.scales,
+            lp=self.plan,
             dtype=self.dtype,
-            num_clusters=self.num_clusters,
-            channel_axis=self.channel_axis,
-            group_size=self.group_size,
         )
 
     def dequantize(self) -> jax.Array:
@@ -422,24 +535,22 @@ class PackedArray:
         return self.unpack()
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("shape", "dtype", "num_clusters", "channel_axis", "group_size"),
-)
-def _expand(
-    packed, tables, positions, values, *, shape, dtype, num_clusters, channel_axis, group_size
-):
-    size = math.prod(shape)
-    idx = _unpack_bits_jnp(packed, index_bits(num_clusters), size).reshape(shape)
-    base = table_base(shape, num_clusters, channel_axis, group_size)
-    dense = jnp.asarray(tables).reshape(-1)[base + idx].astype(jnp.dtype(dtype))
-    if positions is None:
-        return dense
-    return segments.put_outliers(dense, positions, values)
+@functools.partial(jax.jit, static_argnames=("lp", "dtype"))
+def _expand(packed, tables, positions, values, lut_scale, lut_zero_point, scales, *, lp, dtype):
+    idx = _unpack_bits_jnp(packed, lp.spec.bits, lp.num_indices).reshape(lp.index_shape)
+    if lp.spec.lut_dtype is not None:
+        tables = lut.dequantize(tables, lut_scale, lut_zero_point, num_groups=lp.num_groups)
+    return core.decode(lp, tables, idx, jnp.dtype(dtype), scales, positions, values)
 
 
-_META = ("shape", "dtype", "num_clusters", "granularity", "channel_axis", "group_size")
-_CHILDREN = ("packed", "tables", "outlier_positions", "outlier_values")
+_META = (
+    "shape", "dtype", "num_clusters", "granularity", "channel_axis", "group_size",
+    "cluster_dim", "vector_axis", "lut_dtype", "scale_axis",
+)  # fmt: skip
+_CHILDREN = (
+    "packed", "tables", "outlier_positions", "outlier_values", "lut_scale", "lut_zero_point",
+    "scales",
+)  # fmt: skip
 
 
 def _flatten_with_keys(p: PackedArray):
@@ -518,7 +629,8 @@ def _pack_leaf(leaf: LeafState) -> PackedArray:
     spec = lp.spec
     k = spec.num_clusters
     idx = np.asarray(leaf.indices)
-    tables = np.asarray(core.tables(leaf))
+    float_tables = core.tables(leaf)
+    tables = np.asarray(float_tables)
     if idx.dtype.kind not in "iu":
         raise ValueError(
             f"cj.pack: state.indices at {lp.path!r} has dtype {idx.dtype}; indices must be "
@@ -550,6 +662,12 @@ def _pack_leaf(leaf: LeafState) -> PackedArray:
             )
         flat_w = jnp.asarray(leaf.w).reshape(-1)
         values = np.asarray(segments.outlier_values(flat_w[positions]))
+    lut_scale = lut_zero_point = None
+    if spec.lut_dtype is not None:
+        q, lut_scale, lut_zero_point = lut.quantize(float_tables, spec.lut_dtype, lp.num_groups)
+        tables, lut_scale = np.asarray(q), np.asarray(lut_scale)
+        lut_zero_point = None if lut_zero_point is None else np.asarray(lut_zero_point)
+    scales = None if leaf.scales is None else np.asarray(leaf.scales)
     return PackedArray(
         packed=pack_bits(idx, spec.bits),
         tables=tables,
@@ -561,6 +679,13 @@ def _pack_leaf(leaf: LeafState) -> PackedArray:
         group_size=lp.group_size,
         outlier_positions=positions,
         outlier_values=values,
+        cluster_dim=lp.cluster_dim,
+        vector_axis=lp.vector_axis,
+        lut_dtype=spec.lut_dtype,
+        scale_axis=lp.scale_axis,
+        lut_scale=lut_scale,
+        lut_zero_point=lut_zero_point,
+        scales=scales,
     )
 
 

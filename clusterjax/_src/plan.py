@@ -39,6 +39,9 @@ MIN_WEIGHTS_PER_CENTROID = 4
 class LeafPlan:
     """One clustered leaf: its spec and the geometry of its centroid tables.
 
+    Every count and shape a consumer needs (index shape, table shape, scale shape, stored
+    bytes) is a property here, computed from these fields only.
+
     Attributes:
       path: the '/'-joined path of the leaf (see `clusterjax.path_str`).
       spec: the leaf's `ClusterSpec`.
@@ -46,6 +49,19 @@ class LeafPlan:
       axis: the normalized channel axis (`0 <= axis < ndim`) of "channel" and "group"
         tables, `None` for one table per tensor.
       group_size: channels per table (1 for "channel" and "tensor").
+      vector_axis: the normalized axis along which `spec.cluster_dim` consecutive weights
+        form one vector; `None` for scalar tables (`cluster_dim == 1`).
+      scale_axis: the normalized axis of the per-channel scales; `None` without
+        `per_channel_scale`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import clusterjax as cj
+      >>> from clusterjax._src.plan import resolve
+      >>> spec = cj.ClusterSpec(num_clusters=16, cluster_dim=2, per_channel_scale=True)
+      >>> lp = resolve({"w": jnp.zeros((64, 8))}, spec).leaves[0]
+      >>> lp.index_shape, lp.table_shape, lp.scale_shape, lp.stored_nbytes(jnp.float32)
+      ((32, 8), (16, 2), (8,), 272)
     """
 
     path: str
@@ -53,10 +69,25 @@ class LeafPlan:
     shape: tuple[int, ...]
     axis: int | None
     group_size: int
+    vector_axis: int | None = None
+    scale_axis: int | None = None
 
     @property
     def num_clusters(self) -> int:
         return self.spec.num_clusters
+
+    @property
+    def cluster_dim(self) -> int:
+        """d, weights per table entry (1 for scalar tables)."""
+        return 1 if self.vector_axis is None else self.spec.cluster_dim
+
+    @property
+    def index_shape(self) -> tuple[int, ...]:
+        """Shape of the indices: the weight's shape with `vector_axis` divided by d."""
+        if self.vector_axis is None:
+            return self.shape
+        a = self.vector_axis
+        return self.shape[:a] + (self.shape[a] // self.cluster_dim,) + self.shape[a + 1 :]
 
     @property
     def num_groups(self) -> int:
@@ -69,9 +100,14 @@ class LeafPlan:
         return math.prod(self.shape)
 
     @property
+    def num_indices(self) -> int:
+        """Number of indices (weights / d)."""
+        return math.prod(self.index_shape)
+
+    @property
     def per_table(self) -> int:
-        """Weights per centroid table."""
-        return self.size // self.num_groups if self.num_groups else 0
+        """Indices (weights, or vectors of d weights) per centroid table."""
+        return self.num_indices // self.num_groups if self.num_groups else 0
 
     @property
     def num_outliers(self) -> int:
@@ -79,33 +115,85 @@ class LeafPlan:
         return num_outliers(self.spec.outliers, self.size)
 
     @property
-    def table_shape(self) -> tuple[int, ...]:
-        """`(K,)` for one table per tensor, `(G, K)` otherwise."""
+    def sizes_shape(self) -> tuple[int, ...]:
+        """`(K,)` for one table per tensor, `(G, K)` otherwise: one entry per centroid."""
         k = self.num_clusters
         return (k,) if self.axis is None else (self.num_groups, k)
 
-    def base(self) -> jax.Array | int:
-        """`g * K` of every weight's table `g`, broadcastable to `shape` (0 for one table).
+    @property
+    def table_shape(self) -> tuple[int, ...]:
+        """`sizes_shape`, plus a trailing `d` for vector tables (`cluster_dim > 1`)."""
+        d = self.cluster_dim
+        return self.sizes_shape + ((d,) if d > 1 else ())
 
-        Adding it to the indices gives positions in the flattened tables.
-        """
-        base = table_base(self.shape, self.num_clusters, self.axis, self.group_size)
+    @property
+    def scale_shape(self) -> tuple[int, ...] | None:
+        """`(C,)`, one scale per channel along `scale_axis`; `None` without scales."""
+        return None if self.scale_axis is None else (self.shape[self.scale_axis],)
+
+    @property
+    def lut_shape(self) -> tuple[int, ...] | None:
+        """`(G,)`: one quantization scale (and zero point) per table with `lut_dtype`."""
+        return None if self.spec.lut_dtype is None else (self.num_groups,)
+
+    def stored_nbytes(self, dtype) -> int:
+        """Bytes the packed file stores for this leaf, header excluded: bit-packed
+        indices, the table (float, or int8/uint8 plus a float32 scale per table and a
+        uint8 zero point per table for uint8), float16 per-channel scales, and 6 bytes per
+        outlier (int32 position, float16 value). `dtype` is the weight's dtype."""
+        n_idx = -(-self.num_indices * self.spec.bits // 8)
+        entries = math.prod(self.table_shape)
+        if self.spec.lut_dtype is None:
+            table = entries * jnp.dtype(table_dtype(dtype)).itemsize
+        else:
+            per_table = 4 + (1 if self.spec.lut_dtype == "uint8" else 0)
+            table = entries + per_table * self.num_groups
+        scales = 0 if self.scale_shape is None else 2 * self.scale_shape[0]
+        return n_idx + table + scales + 6 * self.num_outliers
+
+    def base(self) -> jax.Array | int:
+        """`g * K` of every index's table `g`, broadcastable to `index_shape` (0 for one
+        table). Adding it to the indices gives positions in the flattened tables."""
+        base = table_base(self.index_shape, self.num_clusters, self.axis, self.group_size)
         return base if isinstance(base, int) else jnp.asarray(base)
 
-    def grouped(self, w: jax.Array) -> jax.Array:
-        """`w` (or anything shaped like it) rearranged to (G, weights per table)."""
+    def vectors(self, w: jax.Array) -> jax.Array:
+        """`w` (weight-shaped) as `index_shape + (d,)` vectors; `w` itself for d = 1."""
+        if self.vector_axis is None:
+            return w
+        a, d = self.vector_axis, self.cluster_dim
+        split = self.shape[:a] + (self.shape[a] // d, d) + self.shape[a + 1 :]
+        return jnp.moveaxis(w.reshape(split), a + 1, -1)
+
+    def unvectors(self, v: jax.Array) -> jax.Array:
+        """The inverse of `vectors`: `index_shape + (d,)` back to the weight's shape."""
+        if self.vector_axis is None:
+            return v
+        return jnp.moveaxis(v, -1, self.vector_axis + 1).reshape(self.shape)
+
+    def scale_view(self, scales: jax.Array) -> jax.Array:
+        """`(C,)` scales reshaped to broadcast against the weight."""
+        view = [1] * len(self.shape)
+        view[self.scale_axis] = self.shape[self.scale_axis]
+        return jnp.asarray(scales).reshape(view)
+
+    def grouped(self, x: jax.Array) -> jax.Array:
+        """`x` (index-shaped, optionally with trailing dims such as a vector's d)
+        rearranged to `(G, indices per table) + trailing`."""
+        trail = tuple(x.shape[len(self.index_shape) :])
         if self.axis is None:
-            return w.reshape(1, -1)
-        return jnp.moveaxis(w, self.axis, 0).reshape(self.num_groups, -1)
+            return x.reshape((1, -1) + trail)
+        return jnp.moveaxis(x, self.axis, 0).reshape((self.num_groups, -1) + trail)
 
     def ungrouped(self, g: jax.Array) -> jax.Array:
-        """The inverse of `grouped`: `(G, weights per table)` back to the weight's shape."""
+        """The inverse of `grouped`: `(G, indices per table) + trailing` back to
+        `index_shape + trailing`."""
+        trail = tuple(g.shape[2:])
+        shape = self.index_shape
         if self.axis is None:
-            return g.reshape(self.shape)
-        moved = (self.shape[self.axis],) + tuple(
-            s for i, s in enumerate(self.shape) if i != self.axis
-        )
-        return jnp.moveaxis(g.reshape(moved), 0, self.axis)
+            return g.reshape(shape + trail)
+        moved = (shape[self.axis],) + tuple(s for i, s in enumerate(shape) if i != self.axis)
+        return jnp.moveaxis(g.reshape(moved + trail), 0, self.axis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,7 +367,40 @@ def _leaf_plan(path: str, spec: ClusterSpec, w: Any, explicit: bool, caller: str
                 f"which group_size={group_size} does not divide. Fix: pick a group_size "
                 f"that divides {shape[axis]}."
             )
-    leaf = LeafPlan(path, spec, shape, axis, group_size)
+    vector_axis = scale_axis = None
+    ndim = len(shape)
+    d = spec.cluster_dim
+    if d > 1:
+        if not -ndim <= spec.vector_axis < ndim:
+            raise ValueError(
+                f"{caller}: leaf {path!r} has shape {shape} (ndim={ndim}) but "
+                f"vector_axis={spec.vector_axis} is out of range [-{ndim}, {ndim - 1}]. "
+                "Fix: pass a vector_axis within the leaf's rank (Flax kernels: -2, the "
+                "input axis)."
+            )
+        vector_axis = spec.vector_axis % ndim
+        if shape[vector_axis] % d:
+            raise ValueError(
+                f"{caller}: leaf {path!r} has {shape[vector_axis]} weights along "
+                f"vector_axis={vector_axis}, which cluster_dim={d} does not divide. Fix: a "
+                f"cluster_dim that divides {shape[vector_axis]}, another vector_axis, or a "
+                "rule that leaves this leaf scalar (cluster_dim=1) or dense (None)."
+            )
+        if axis is not None and axis == vector_axis:
+            raise ValueError(
+                f"{caller}: leaf {path!r}: channel_axis and vector_axis are both axis "
+                f"{axis}; per-{spec.granularity} vector tables need vectors along another "
+                "axis. Fix: e.g. channel_axis=-1 with vector_axis=-2 (Flax kernels)."
+            )
+    if spec.per_channel_scale:
+        if not -ndim <= spec.channel_axis < ndim:
+            raise ValueError(
+                f"{caller}: leaf {path!r} has shape {shape} (ndim={ndim}) but "
+                f"channel_axis={spec.channel_axis} (the axis of per_channel_scale) is out of "
+                f"range [-{ndim}, {ndim - 1}]. Fix: a channel_axis within the leaf's rank."
+            )
+        scale_axis = spec.channel_axis % ndim
+    leaf = LeafPlan(path, spec, shape, axis, group_size, vector_axis, scale_axis)
     if spec.outliers and leaf.size > MAX_OUTLIER_LEAF_SIZE:
         raise ValueError(
             f"{caller}: leaf {path!r} has {leaf.size:,} weights; outliers are stored at "
@@ -289,8 +410,9 @@ def _leaf_plan(path: str, spec: ClusterSpec, w: Any, explicit: bool, caller: str
     k = spec.num_clusters
     if explicit and k > leaf.per_table:
         where = "" if axis is None else f" per {spec.granularity} table"
+        what = "elements" if d == 1 else f"vectors of {d}"
         raise ValueError(
-            f"{caller}: leaf {path!r} (shape {shape}) has {leaf.per_table} elements{where}, "
+            f"{caller}: leaf {path!r} (shape {shape}) has {leaf.per_table} {what}{where}, "
             f"fewer than num_clusters={k}. Fix: use num_clusters <= {leaf.per_table} for it, "
             "or leave it alone with a rule that maps it to None."
         )
@@ -303,14 +425,13 @@ def _not_worth_it(leaf: LeafPlan, dtype) -> str | None:
     if leaf.per_table < k:
         where = "" if leaf.axis is None else f" per {leaf.spec.granularity} table"
         return f"shape {leaf.shape}: {leaf.per_table} weights{where} < K = {k}"
-    if leaf.size < MIN_WEIGHTS_PER_CENTROID * k:
+    if leaf.num_indices < MIN_WEIGHTS_PER_CENTROID * k:
+        what = "weights" if leaf.cluster_dim == 1 else f"vectors of {leaf.cluster_dim}"
         return (
-            f"shape {leaf.shape}: {leaf.size} weights < {MIN_WEIGHTS_PER_CENTROID} x K = "
+            f"shape {leaf.shape}: {leaf.num_indices} {what} < {MIN_WEIGHTS_PER_CENTROID} x K = "
             f"{MIN_WEIGHTS_PER_CENTROID * k}"
         )
-    table_bytes = math.prod(leaf.table_shape) * jnp.dtype(table_dtype(dtype)).itemsize
-    # An outlier costs its int32 position and float16 value.
-    packed = -(-leaf.size * leaf.spec.bits // 8) + table_bytes + 6 * leaf.num_outliers
+    packed = leaf.stored_nbytes(dtype)
     dense = leaf.size * jnp.dtype(dtype).itemsize
     if packed >= dense:
         return f"shape {leaf.shape}: {packed:,} packed bytes >= {dense:,} dense bytes"

@@ -19,6 +19,12 @@ update in separate jits) the sizes are still exact and only the saving is lost.
 `tests/test_optimizer.py::test_one_scatter_per_leaf` counts the scatters of a compiled
 step and guards the merge.
 
+**Vector tables** (`cluster_dim = d > 1`): the flattened tables are `(G * K, d)`, the
+gather reads one row per index and the scatters add `(N, d)` gradient rows (pairs become
+`(N, d + 1)` rows: the gradient vector and a 1), so a centroid's gradient is the sum of
+its members' gradient vectors. Per-channel scales make the scattered values `g * scale`
+(not `g`), so those leaves scatter plain values and count with `sizes`.
+
 Other leaves (a sparsity mask makes the weight gradient `g * mask`, not `g`; "sum"
 aggregation needs no sizes) scatter plain values and count with `sizes`.
 
@@ -48,7 +54,12 @@ def pairs_in_backward(lp: LeafPlan) -> bool:
     True where the optimizer needs cluster sizes ("mean" aggregation) and the weight
     gradient equals the upstream gradient (no sparsity mask).
     """
-    return lp.spec.gradient_aggregation == "mean" and not lp.spec.preserve_sparsity
+    spec = lp.spec
+    return (
+        spec.gradient_aggregation == "mean"
+        and not spec.preserve_sparsity
+        and not spec.per_channel_scale
+    )
 
 
 def positions(indices: jax.Array, base, drop=None, size: int = 0) -> jax.Array:
@@ -96,7 +107,14 @@ def sums(values: jax.Array, indices: jax.Array, base, size: int, drop=None) -> j
     """Per-centroid sums of `values` (shaped like the weight), `(size,)`, without `drop`."""
     real = jnp.promote_types(values.dtype, jnp.float32)
     pos = positions(indices, base, drop, size)
-    return _scatter_add_rows(values.reshape(-1).astype(real), pos, size)
+    return _scatter_add_rows(_rows(values, indices).astype(real), pos, size)
+
+
+def _rows(values: jax.Array, indices: jax.Array) -> jax.Array:
+    """`values` as one row per index: `(N,)`, or `(N, d)` for vectors."""
+    if values.ndim == indices.ndim + 1:
+        return values.reshape(-1, values.shape[-1])
+    return values.reshape(-1)
 
 
 def sums_and_sizes(values: jax.Array, indices: jax.Array, base, size: int, drop=None):
@@ -109,17 +127,23 @@ def sums_and_sizes(values: jax.Array, indices: jax.Array, base, size: int, drop=
     serves the whole leaf instead of a pair array twice the gradient's size.
     """
     real = jnp.promote_types(values.dtype, jnp.float32)
-    v = values.reshape(-1).astype(real)
+    v = _rows(values, indices).astype(real)
     pos = positions(indices, base, drop, size)
     out = None
-    for start in range(0, pos.shape[0], _PAIR_CHUNK):
-        part = v[start : start + _PAIR_CHUNK]
-        part_pos = pos[start : start + _PAIR_CHUNK]
+    chunk = _PAIR_CHUNK // (1 if v.ndim == 1 else v.shape[1])
+    for start in range(0, pos.shape[0], chunk):
+        part = v[start : start + chunk]
+        part_pos = pos[start : start + chunk]
         if out is not None:
             part, part_pos = after((part, part_pos), out)
-        pairs = jnp.stack([part, jnp.ones_like(part)], axis=1)
+        if part.ndim == 1:
+            pairs = jnp.stack([part, jnp.ones_like(part)], axis=1)
+        else:
+            pairs = jnp.concatenate([part, jnp.ones_like(part[:, :1])], axis=1)
         out = _scatter_add_rows(pairs, part_pos, size, out)
-    return out[:, 0], out[:, 1]
+    if v.ndim == 1:
+        return out[:, 0], out[:, 1]
+    return out[:, :-1], out[:, -1]
 
 
 def after(tree, done: jax.Array):
@@ -137,7 +161,10 @@ def after(tree, done: jax.Array):
 
 
 def take(flat: jax.Array, indices: jax.Array, base) -> jax.Array:
-    """`flat[base + indices]`: the gather of the clustered forward pass."""
+    """`flat[base + indices]`: the gather of the clustered forward pass (rows of a
+    `(G * K, d)` vector table give `indices.shape + (d,)`)."""
+    if flat.ndim == 2:
+        return flat[jnp.asarray(base + indices.astype(jnp.int32))]
     if isinstance(base, int) and base == 0:
         # One table: gather with the small unsigned indices themselves, so neither this
         # gather nor its transpose (the scatter-add of the centroid gradient) needs an
@@ -171,7 +198,7 @@ def _take_summing_pairs_fwd(flat, indices, base):
 def _take_summing_pairs_bwd(residuals, g):
     flat, indices, base = residuals
     s, _ = sums_and_sizes(g, indices, base, flat.shape[0])
-    return s.astype(flat.dtype), None, None
+    return s.reshape(flat.shape).astype(flat.dtype), None, None
 
 
 take_summing_pairs.defvjp(_take_summing_pairs_fwd, _take_summing_pairs_bwd)
@@ -180,7 +207,7 @@ take_summing_pairs.defvjp(_take_summing_pairs_fwd, _take_summing_pairs_bwd)
 def centroid_sizes(
     lp: LeafPlan, weight_grad: jax.Array, indices: jax.Array, outliers=None
 ) -> jax.Array:
-    """Cluster sizes shaped like the leaf's table, for the optimizer's "mean" aggregation.
+    """Cluster sizes (`lp.sizes_shape`), for the optimizer's "mean" aggregation.
 
     Returns `(sizes, weight_grad)`: where `pairs_in_backward(lp)`, the sizes come from the
     same pair scatter as the backward pass (merged by XLA, see the module docstring), and
@@ -189,11 +216,13 @@ def centroid_sizes(
     """
     size = lp.num_groups * lp.num_clusters
     if pairs_in_backward(lp):
-        _, counts = sums_and_sizes(weight_grad, indices, lp.base(), size, outliers)
+        # The same expression as the backward pass's scatter (`lp.vectors` of the
+        # gradient for vector tables), so that XLA keeps one.
+        _, counts = sums_and_sizes(lp.vectors(weight_grad), indices, lp.base(), size, outliers)
         weight_grad = after(weight_grad, counts)
     else:
         counts = sizes(indices, lp.base(), size, outliers)
-    return counts.reshape(lp.table_shape), weight_grad
+    return counts.reshape(lp.sizes_shape), weight_grad
 
 
 def outlier_values(w: jax.Array) -> jax.Array:

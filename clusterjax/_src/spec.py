@@ -10,6 +10,9 @@ import numpy as np
 INIT_METHODS = ("linear", "random", "density", "kmeans++", "kmeans")
 GRANULARITIES = ("tensor", "channel", "group")
 AGGREGATIONS = ("mean", "sum")
+LUT_DTYPES = (None, "int8", "uint8")
+#: Init methods that work on d-dimensional vectors (`cluster_dim > 1`).
+VECTOR_INIT_METHODS = ("random", "kmeans++", "kmeans")
 
 InitMethod = Literal["linear", "random", "density", "kmeans++", "kmeans"]
 Granularity = Literal["tensor", "channel", "group"]
@@ -48,6 +51,28 @@ class ClusterSpec:
         `importance * w**2` when `importance` is given, else the largest `|w|`. They are
         left out of the k-means, keep their own value (rounded to float16, as the packed
         file stores them) and get their plain gradient in training.
+      cluster_dim: d, the length of the vectors a table holds (vector palettization,
+        coremltools' `cluster_dim`). With `d > 1`, every d consecutive weights along
+        `vector_axis` form one vector, a table holds K vectors of d, and each vector gets
+        one index: `ceil(log2 K) / d` index bits per weight. Init by `"kmeans"` (the
+        default: k-means++ seeding and Lloyd iterations in d dimensions), `"kmeans++"` or
+        `"random"`; assignment is the nearest vector in Euclidean distance. The leaf's
+        size along `vector_axis` must be divisible by d.
+      vector_axis: the axis along which the d weights of a vector are consecutive (only
+        read when `cluster_dim > 1`). Flax kernels are laid out `(..., in, out)`, so the
+        default `-2` is the input axis (coremltools groups input channels the same way).
+        It must differ from `channel_axis` for "channel" / "group" tables.
+      lut_dtype: `None` (float tables), `"int8"` or `"uint8"`: the table is stored
+        quantized, one scale per table (symmetric `max|c| / 127` for int8; affine
+        `(max - min) / 255` with an integer zero point for uint8). In training the
+        centroids are fake-quantized in the forward pass with a straight-through gradient
+        (cluster-preserving QAT), so `clusterjax.strip` gives exactly the values the
+        packed file reconstructs.
+      per_channel_scale: divide every channel (along `channel_axis`, by default the output
+        channels of a Flax kernel) by its own scale, `max |w|` over the channel rounded to
+        float16, before the table(s) are fitted; the weight is `scale[c] * table[index]`.
+        The scales are fixed at `init` (they live in `ClusterState.scales`) and stored as
+        float16.
 
     Example:
       >>> import clusterjax as cj
@@ -65,6 +90,10 @@ class ClusterSpec:
     gradient_aggregation: Aggregation = "mean"
     update_indices: bool = True
     outliers: float = 0.0
+    cluster_dim: int = 1
+    vector_axis: int = -2
+    lut_dtype: Literal["int8", "uint8"] | None = None
+    per_channel_scale: bool = False
 
     def __post_init__(self):
         k = self.num_clusters
@@ -128,6 +157,51 @@ class ClusterSpec:
                 "ClusterSpec(num_clusters=16, outliers=0.005) for 0.5%."
             )
         object.__setattr__(self, "outliers", float(f))
+        self._check_formats()
+
+    def _check_formats(self) -> None:
+        d = self.cluster_dim
+        if isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer)) or d < 1:
+            raise ValueError(
+                f"ClusterSpec(cluster_dim={d!r}): cluster_dim must be an int >= 1 (the "
+                "number of weights per table entry). Fix: e.g. cluster_dim=2."
+            )
+        object.__setattr__(self, "cluster_dim", int(d))
+        a = self.vector_axis
+        if isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)):
+            raise ValueError(f"ClusterSpec(vector_axis={a!r}): vector_axis must be an int.")
+        object.__setattr__(self, "vector_axis", int(a))
+        _check_choice("lut_dtype", self.lut_dtype, LUT_DTYPES)
+        if not isinstance(self.per_channel_scale, (bool, np.bool_)):
+            raise ValueError(
+                f"ClusterSpec(per_channel_scale={self.per_channel_scale!r}): "
+                "per_channel_scale must be a bool."
+            )
+        object.__setattr__(self, "per_channel_scale", bool(self.per_channel_scale))
+        if d > 1:
+            if self.init not in VECTOR_INIT_METHODS:
+                raise ValueError(
+                    f"ClusterSpec(init={self.init!r}, cluster_dim={d}): {self.init!r} is a "
+                    "scalar-only init; vector tables are initialized by "
+                    + ", ".join(repr(m) for m in VECTOR_INIT_METHODS)
+                    + ". Fix: init='kmeans'."
+                )
+            if self.preserve_sparsity:
+                raise ValueError(
+                    f"ClusterSpec(preserve_sparsity=True, cluster_dim={d}): a fixed zero "
+                    "centroid is scalar-only. Fix: cluster_dim=1, or preserve_sparsity=False."
+                )
+            if self.outliers:
+                raise ValueError(
+                    f"ClusterSpec(outliers={self.outliers}, cluster_dim={d}): outliers are "
+                    "single weights, so they need cluster_dim=1. Fix: outliers=0.0."
+                )
+        if self.outliers and self.per_channel_scale:
+            raise ValueError(
+                f"ClusterSpec(outliers={self.outliers}, per_channel_scale=True): the two "
+                "cannot be combined (the scales would be set by the outliers). Fix: "
+                "outliers=0.0 or per_channel_scale=False."
+            )
 
     @property
     def bits(self) -> int:

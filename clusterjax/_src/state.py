@@ -40,6 +40,12 @@ class ClusterState(NamedTuple):
         elsewhere. Their values are read from params (see `clusterjax.apply`). The whole
         field may be `None` when no leaf has outliers. (It follows `plan` so that the
         positional form `ClusterState(centroids, indices, masks, plan)` stays valid.)
+      scales: where a leaf's spec has `per_channel_scale`: the float16 scale of every
+        channel, shape `LeafPlan.scale_shape`; `None` elsewhere (the whole field may be
+        `None`). Fixed at `init`; the weight reads `scale[c] * table[index]`.
+
+    With `cluster_dim = d > 1` the indices have `LeafPlan.index_shape` (the weight's
+    shape with `vector_axis` divided by d) and the tables a trailing axis of d.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -57,6 +63,7 @@ class ClusterState(NamedTuple):
     masks: PyTree
     plan: Plan | None = None
     outliers: PyTree = None
+    scales: PyTree = None
 
     @property
     def specs(self) -> PyTree:
@@ -73,7 +80,8 @@ def _is_none(x: Any) -> bool:
     return x is None
 
 
-_ARRAY_FIELDS = ("centroids", "indices", "masks", "outliers")
+_ARRAY_FIELDS = ("centroids", "indices", "masks", "outliers", "scales")
+_OPTIONAL_FIELDS = ("outliers", "scales")
 
 
 def _flatten_with_keys(s: ClusterState):
@@ -81,12 +89,12 @@ def _flatten_with_keys(s: ClusterState):
 
 
 def _flatten(s: ClusterState):
-    return (s.centroids, s.indices, s.masks, s.outliers), s.plan
+    return (s.centroids, s.indices, s.masks, s.outliers, s.scales), s.plan
 
 
 def _unflatten(plan: Plan | None, children) -> ClusterState:
-    centroids, indices, masks, outliers = children
-    return ClusterState(centroids, indices, masks, plan, outliers)
+    centroids, indices, masks, outliers, scales = children
+    return ClusterState(centroids, indices, masks, plan, outliers, scales)
 
 
 jax.tree_util.register_pytree_with_keys(ClusterState, _flatten_with_keys, _unflatten, _flatten)
@@ -99,9 +107,9 @@ serialization.register_serialization_state(Plan, lambda plan: {}, lambda target,
 class LeafState(NamedTuple):
     """One leaf of params with its plan and its part of the `ClusterState`.
 
-    `plan`, `centroids`, `indices`, `mask` and `outliers` are `None` for a leaf that is
-    not clustered (`mask` for a clustered leaf without `preserve_sparsity`, `outliers`
-    for one without outliers).
+    `plan`, `centroids`, `indices`, `mask`, `outliers` and `scales` are `None` for a leaf
+    that is not clustered (`mask` for a clustered leaf without `preserve_sparsity`,
+    `outliers` for one without outliers, `scales` without `per_channel_scale`).
     """
 
     plan: LeafPlan | None
@@ -110,6 +118,7 @@ class LeafState(NamedTuple):
     indices: Any
     mask: Any
     outliers: Any = None
+    scales: Any = None
 
 
 def leaves(params: PyTree, state: ClusterState, caller: str) -> list[LeafState]:
@@ -133,7 +142,7 @@ def leaves(params: PyTree, state: ClusterState, caller: str) -> list[LeafState]:
     flat_w = jax.tree.leaves(params, is_leaf=_is_none)
     fields = [
         [None] * len(flat_w)
-        if f == "outliers" and state.outliers is None
+        if f in _OPTIONAL_FIELDS and getattr(state, f) is None
         else flatten_like(params, getattr(state, f), f"state.{f}")
         for f in _ARRAY_FIELDS
     ]
@@ -144,19 +153,20 @@ def leaves(params: PyTree, state: ClusterState, caller: str) -> list[LeafState]:
             "params."
         )
     out = []
-    for lp, path, w, c, i, m, o in zip(plan.leaves, plan.paths, flat_w, *fields):
+    for lp, path, w, c, i, m, o, s in zip(plan.leaves, plan.paths, flat_w, *fields):
         if lp is None:
-            if c is not None or i is not None or m is not None or o is not None:
+            if any(x is not None for x in (c, i, m, o, s)):
                 raise ValueError(
                     f"{caller}: leaf {path!r} is not clustered in the state's plan, but the "
-                    "state holds centroids/indices/masks/outliers for it. Fix: build the "
-                    "state with cj.init."
+                    "state holds centroids/indices/masks/outliers/scales for it. Fix: build "
+                    "the state with cj.init."
                 )
             out.append(LeafState(None, w, None, None, None))
             continue
         _check_leaf(caller, lp, w, c, i, m, o)
+        _check_scales(caller, lp, s)
         mask = m if lp.spec.preserve_sparsity else None
-        out.append(LeafState(lp, w, c, i, mask, o if lp.num_outliers else None))
+        out.append(LeafState(lp, w, c, i, mask, o if lp.num_outliers else None, s))
     return out
 
 
@@ -174,10 +184,11 @@ def _check_leaf(caller: str, lp: LeafPlan, w, c, i, m, o) -> None:
             f"{caller}: leaf {path!r} is clustered, but state.{field} has None there "
             "(centroids and indices must be set together). Fix: build the state with cj.init."
         )
-    if tuple(np.shape(i)) != lp.shape:
+    if tuple(np.shape(i)) != lp.index_shape:
         raise ValueError(
             f"{caller}: state.indices at {path!r} has shape {tuple(np.shape(i))} but the "
-            f"param has shape {lp.shape}. Fix: re-run cj.init for the current params."
+            f"plan expects {lp.index_shape} (param shape {lp.shape}, cluster_dim="
+            f"{lp.cluster_dim}). Fix: re-run cj.init for the current params."
         )
     if tuple(np.shape(c)) != lp.table_shape:
         raise ValueError(
@@ -206,6 +217,23 @@ def _check_leaf(caller: str, lp: LeafPlan, w, c, i, m, o) -> None:
         raise ValueError(
             f"{caller}: state.outliers at {path!r} holds an array, but the leaf's spec keeps "
             "no outliers. Fix: re-run cj.init."
+        )
+
+
+def _check_scales(caller: str, lp: LeafPlan, s) -> None:
+    want = lp.scale_shape
+    if want is None and s is not None:
+        raise ValueError(
+            f"{caller}: state.scales at {lp.path!r} holds an array, but the leaf's spec has "
+            "per_channel_scale=False. Fix: re-run cj.init."
+        )
+    if want is not None and (
+        s is None or tuple(np.shape(s)) != want or jnp.result_type(s) != jnp.float16
+    ):
+        got = None if s is None else f"{jnp.result_type(s)} {tuple(np.shape(s))}"
+        raise ValueError(
+            f"{caller}: state.scales at {lp.path!r} is {got}; per_channel_scale=True needs "
+            f"float16 scales of shape {want}. Fix: re-run cj.init."
         )
 
 

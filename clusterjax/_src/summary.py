@@ -42,11 +42,15 @@ class Summary:
     Attributes:
       rows: one dict per array leaf, in tree order, with keys `path` ('/'-joined),
         `shape` (tuple), `dtype`, `num_clusters` (K; `None` for a dense leaf),
-        `granularity`, `bits` (index bits), `distinct_values` (distinct values of the
+        `granularity` (in the text table followed by the table format where it is not
+        a plain float scalar table: `d=2` for `cluster_dim`, `int8` / `uint8` for
+        `lut_dtype`, `+scale` for per-channel scales), `cluster_dim`, `lut_dtype`,
+        `per_channel_scale`, `bits` (bits per index), `distinct_values` (distinct values of the
         clustered weight, outliers included), `sparsity` (fraction of exact zeros),
         `outliers` (the number kept exactly; `None` for a dense leaf), `bits_per_weight`
-        (of the packed bytes), `packed_bytes` (what the file stores for the leaf:
-        bit-packed indices plus tables plus outliers, or the dense array), `original_bytes` (the
+        (effective: 8 x packed bytes / weights, so tables, lut scales, per-channel scales
+        and outliers count), `packed_bytes` (what the file stores for the leaf:
+        bit-packed indices plus tables, scales and outliers, or the dense array), `original_bytes` (the
         leaf as a dense array of its own dtype: 2 bytes per element for bfloat16, 8 for
         int64), `compression_ratio` (original / packed: 1.0 for a dense leaf),
         `float32_bytes` (4 per element, whatever the dtype: the size of a float32 copy,
@@ -142,34 +146,55 @@ def _leaf_row(path: str, leaf: Any, original: Any | None) -> tuple[dict[str, Any
     err2 = norm2 = 0.0
     if isinstance(leaf, PackedArray):
         n, packed_bytes = leaf.size, leaf.nbytes
-        # Distinct values and zeros come from the used (table, index) pairs: O(n + G*K).
-        tables = np.asarray(leaf.tables)
-        flat_ids = np.broadcast_to(
-            np.asarray(leaf._base()) + leaf.indices().astype(np.int64), leaf.shape
-        ).reshape(-1)
-        extra = np.zeros(0, np.float64)
-        if leaf.num_outliers:  # outliers read their own values, not the tables
-            flat_ids = np.delete(flat_ids, np.asarray(leaf.outlier_positions))
-            extra = np.asarray(leaf.outlier_values).astype(leaf.dtype).astype(np.float64)
-        counts = np.bincount(flat_ids, minlength=tables.size)
-        values = tables.reshape(-1).astype(leaf.dtype).astype(np.float64)
-        used = counts > 0
+        lp = leaf.plan
+        plain = lp.cluster_dim == 1 and leaf.lut_dtype is None and leaf.scales is None
+        dense = None
+        if plain:
+            # Distinct values and zeros come from the used (table, index) pairs: O(n + G*K).
+            tables = np.asarray(leaf.tables)
+            flat_ids = np.broadcast_to(
+                np.asarray(lp.base()) + leaf.indices().astype(np.int64), leaf.shape
+            ).reshape(-1)
+            extra = np.zeros(0, np.float64)
+            if leaf.num_outliers:  # outliers read their own values, not the tables
+                flat_ids = np.delete(flat_ids, np.asarray(leaf.outlier_positions))
+                extra = np.asarray(leaf.outlier_values).astype(leaf.dtype).astype(np.float64)
+            counts = np.bincount(flat_ids, minlength=tables.size)
+            values = tables.reshape(-1).astype(leaf.dtype).astype(np.float64)
+            used = counts > 0
+            distinct = len(np.unique(np.concatenate([values[used], extra])))
+            zeros = int(counts[used & (values == 0)].sum()) + int(np.sum(extra == 0))
+        else:  # vectors, quantized tables or scales: count on the decoded weight
+            dense = np.asarray(leaf.unpack()).astype(np.float64)
+            distinct, zeros = len(np.unique(dense)), int(np.sum(dense == 0))
         err = None
         if original is not None:
-            diff = np.asarray(leaf.unpack()).astype(np.float64) - np.asarray(original, np.float64)
+            if dense is None:
+                dense = np.asarray(leaf.unpack()).astype(np.float64)
+            diff = dense - np.asarray(original, np.float64)
             err2 = float(np.sum(diff**2))
             norm2 = float(np.sum(np.square(np.asarray(original, np.float64))))
             err = _ratio(err2, norm2)
+        granularity = leaf.granularity
+        if not plain:  # the table format, after the granularity
+            granularity += "".join(
+                [
+                    f" d={lp.cluster_dim}" if lp.cluster_dim > 1 else "",
+                    f" {leaf.lut_dtype}" if leaf.lut_dtype else "",
+                    " +scale" if leaf.scales is not None else "",
+                ]
+            )
         row = {
             "num_clusters": leaf.num_clusters,
-            "granularity": leaf.granularity,
+            "granularity": granularity,
             "bits": leaf.bits,
-            "distinct_values": len(np.unique(np.concatenate([values[used], extra]))),
-            "sparsity": (int(counts[used & (values == 0)].sum()) + int(np.sum(extra == 0))) / n
-            if n
-            else 0.0,
+            "distinct_values": distinct,
+            "sparsity": zeros / n if n else 0.0,
             "outliers": leaf.num_outliers,
             "relative_l2_error": err,
+            "cluster_dim": lp.cluster_dim,
+            "lut_dtype": leaf.lut_dtype,
+            "per_channel_scale": leaf.scales is not None,
         }
         shape, dtype = leaf.shape, leaf.dtype
         original_bytes = n * jnp.dtype(leaf.dtype).itemsize
@@ -184,6 +209,9 @@ def _leaf_row(path: str, leaf: Any, original: Any | None) -> tuple[dict[str, Any
             "sparsity": np.count_nonzero(arr == 0) / n if n else 0.0,
             "outliers": None,
             "relative_l2_error": 0.0,
+            "cluster_dim": None,
+            "lut_dtype": None,
+            "per_channel_scale": None,
         }
         shape, dtype = tuple(arr.shape), arr.dtype.name
         original_bytes = int(arr.nbytes)
