@@ -364,3 +364,48 @@ def test_train_step_with_adamw_trains_weights_not_centroids():
     assert np.all(np.asarray(params["w"])[~np.asarray(state.masks["w"])] == 0)
     dense = cj.strip(params, state)["w"]
     assert len(np.unique(np.asarray(dense))) <= 4
+
+
+_SHARDED = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import clusterjax as cj
+
+mesh = Mesh(np.array(jax.devices()[:4]), ("model",))
+w = jax.random.normal(jax.random.key(0), (48, 16))
+rules = {"w": cj.ClusterSpec(num_clusters=4, assignment="dkm", granularity="channel")}
+state = cj.init({"w": w}, rules, key=jax.random.key(1))
+up = jax.random.normal(jax.random.key(2), w.shape)
+
+def loss(p, s):
+    return jnp.sum(cj.apply(p, s)["w"] * up)
+
+step = jax.jit(lambda p, s: (jax.value_and_grad(loss)(p, s), cj.update_indices(p, s)))
+(l1, g1), s1 = step({"w": w}, state)
+ws = jax.device_put(w, NamedSharding(mesh, P(None, "model")))
+cs = state._replace(
+    centroids={"w": jax.device_put(state.centroids["w"], NamedSharding(mesh, P("model")))},
+    indices={"w": jax.device_put(state.indices["w"], NamedSharding(mesh, P(None, "model")))},
+)
+(l2, g2), s2 = step({"w": ws}, cs)
+assert len(g2["w"].sharding.device_set) == 4
+np.testing.assert_allclose(l1, l2, rtol=1e-5)
+np.testing.assert_allclose(g1["w"], g2["w"], rtol=1e-5, atol=1e-6)
+np.testing.assert_allclose(s1.centroids["w"], s2.centroids["w"], rtol=1e-5, atol=1e-6)
+np.testing.assert_array_equal(s1.indices["w"], s2.indices["w"])
+print("sharded dkm: ok")
+"""
+
+
+def test_sharded_params_give_the_unsharded_result():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert "sharded dkm: ok" in proc.stdout, proc.stderr[-4000:]
