@@ -109,21 +109,27 @@ def _sums(w, valid, c, tau):
 def _sums_vjp(w, valid, c, tau, g_num, g_den):
     """`(dw (G, m), dc (G, K))`: the cotangents of `_sums` for cotangents `(g_num, g_den)`.
 
-    With `h_k = g_num_k w + g_den_k` (the cotangent of `A_k v`) and `hbar = sum_k A_k h_k`,
-    the softmax gives `d logit_k = v A_k (h_k - hbar)`, and `d logit_k / dw = -2 (w - c_k)
+    With `h_k = g_num_k w + g_den_k` (the cotangent of `A_k v`) and `u = sum_k A_k h_k`,
+    the softmax gives `d logit_k = v A_k (h_k - u)`, and `d logit_k / dw = -2 (w - c_k)
     / tau = -d logit_k / dc_k`; `num` also holds `w` itself: `+ v sum_k g_num_k A_k`.
+    Expanded in powers of `w`, both cotangents are two small matrix products with the
+    attention, `(K, m) x (m, 5)` and its transpose, so the attention is evaluated once.
     """
+    hi = jax.lax.Precision.HIGHEST
     a = _attention(w, c, tau)
-    h = g_num[:, :, None] * w[:, None, :] + g_den[:, :, None]
-    hbar = jnp.sum(a * h, axis=1, keepdims=True)
-    t = a * (h - hbar) * (2 / tau)[:, None, None]
-    diff = w[:, None, :] - c[:, :, None]
-    if valid is not None:
-        t = t * valid[:, None, :].astype(t.dtype)
-    dw = -jnp.sum(t * diff, axis=1) + jnp.sum(a * g_num[:, :, None], axis=1)
+    f = jnp.stack([g_num, g_den, c * g_num, c * g_den, c], axis=-1)  # (G, K, 5)
+    p, q, r, s, cbar = jnp.moveaxis(jnp.einsum("gkm,gkf->gmf", a, f, precision=hi), -1, 0)
+    u = w * p + q  # sum_k A_k h_k
+    inner = -w * r - s + u * cbar  # sum_k A_k (h_k - u) (w - c_k)
+    two = (2 / tau)[:, None]
+    dw = p - two * inner
+    x = jnp.stack([jnp.ones_like(w), w, w * w, u, u * w], axis=-1)  # (G, m, 5)
     if valid is not None:
         dw = dw * valid.astype(dw.dtype)
-    return dw, _wsum(t * diff)
+        x = x * valid[..., None].astype(x.dtype)
+    m0, m1, m2, mu0, mu1 = jnp.moveaxis(jnp.einsum("gkm,gmf->gkf", a, x, precision=hi), -1, 0)
+    dc = two * (g_num * m2 + (g_den - g_num * c) * m1 - g_den * c * m0 - mu1 + c * mu0)
+    return dw, dc
 
 
 def _soft(w, c, tau):
