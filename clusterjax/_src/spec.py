@@ -13,6 +13,7 @@ AGGREGATIONS = ("mean", "sum")
 LUT_DTYPES = (None, "int8", "uint8")
 #: Init methods that work on d-dimensional vectors (`cluster_dim > 1`).
 VECTOR_INIT_METHODS = ("random", "kmeans++", "kmeans")
+ASSIGNMENTS = ("hard", "dkm")
 
 InitMethod = Literal["linear", "random", "density", "kmeans++", "kmeans"]
 Granularity = Literal["tensor", "channel", "group"]
@@ -73,6 +74,20 @@ class ClusterSpec:
         float16, before the table(s) are fitted; the weight is `scale[c] * table[index]`.
         The scales are fixed at `init` (they live in `ClusterState.scales`) and stored as
         float16.
+      assignment: `"hard"` (the default: nearest centroid, straight-through gradient) or
+        `"dkm"` (differentiable k-means, Cho et al. 2022): `apply` softly assigns every
+        weight to the centroids, `A = softmax(-(w - c)**2 / temperature)`, re-estimates
+        the centroids as attention-weighted means `dkm_iters` times from the state's
+        centroids, and returns `A @ c`, so gradients reach the weights through the
+        clustering itself. The state's centroids are a warm start, refreshed (with the
+        hard indices) by `update_indices`; they get zero gradient and `cj.optimizer`
+        leaves them alone. `strip`, `pack` and `summary` use the hard assignment.
+        Exact (no approximation) and without N x K memory: see `clusterjax/_src/dkm.py`.
+      temperature: DKM's tau, in squared weight units (a float > 0), or `None` (the
+        default) for `0.5 * (median gap between adjacent sorted centroids)**2` per
+        table, recomputed from the warm start at every step. Only with
+        `assignment="dkm"`.
+      dkm_iters: centroid re-estimations per DKM forward pass (an int >= 1, default 3).
 
     Example:
       >>> import clusterjax as cj
@@ -94,6 +109,9 @@ class ClusterSpec:
     vector_axis: int = -2
     lut_dtype: Literal["int8", "uint8"] | None = None
     per_channel_scale: bool = False
+    assignment: Literal["hard", "dkm"] = "hard"
+    temperature: float | None = None
+    dkm_iters: int = 3
 
     def __post_init__(self):
         k = self.num_clusters
@@ -158,6 +176,7 @@ class ClusterSpec:
             )
         object.__setattr__(self, "outliers", float(f))
         self._check_formats()
+        self._check_dkm()
 
     def _check_formats(self) -> None:
         d = self.cluster_dim
@@ -201,6 +220,50 @@ class ClusterSpec:
                 f"ClusterSpec(outliers={self.outliers}, per_channel_scale=True): the two "
                 "cannot be combined (the scales would be set by the outliers). Fix: "
                 "outliers=0.0 or per_channel_scale=False."
+            )
+
+    def _check_dkm(self) -> None:
+        _check_choice("assignment", self.assignment, ASSIGNMENTS)
+        t = self.temperature
+        if t is not None:
+            if (
+                isinstance(t, (bool, np.bool_))
+                or not isinstance(t, (int, float, np.integer, np.floating))
+                or not np.isfinite(t)
+                or t <= 0
+            ):
+                raise ValueError(
+                    f"ClusterSpec(temperature={t!r}): the DKM temperature must be a finite "
+                    "float > 0 (squared weight units), or None to derive it from each "
+                    "table's centroid spacing. Fix: temperature=None."
+                )
+            if self.assignment != "dkm":
+                raise ValueError(
+                    f"ClusterSpec(temperature={t!r}) only applies to assignment='dkm', but "
+                    f"assignment={self.assignment!r}. Fix: ClusterSpec(..., "
+                    "assignment='dkm', temperature=...) or drop temperature."
+                )
+            object.__setattr__(self, "temperature", float(t))
+        it = self.dkm_iters
+        if isinstance(it, (bool, np.bool_)) or not isinstance(it, (int, np.integer)) or it < 1:
+            raise ValueError(
+                f"ClusterSpec(dkm_iters={it!r}): dkm_iters must be an int >= 1 (centroid "
+                "re-estimations per forward pass). Fix: e.g. dkm_iters=3."
+            )
+        object.__setattr__(self, "dkm_iters", int(it))
+        formats = self.cluster_dim > 1 or self.lut_dtype is not None or self.per_channel_scale
+        if self.assignment == "dkm" and formats:
+            raise ValueError(
+                f"ClusterSpec(assignment='dkm', cluster_dim={self.cluster_dim}, "
+                f"lut_dtype={self.lut_dtype!r}, per_channel_scale={self.per_channel_scale}): "
+                "the soft map is built for plain scalar tables. Fix: assignment='hard' for "
+                "vector, int8/uint8 or per-channel-scaled tables, or drop those options."
+            )
+        if self.assignment == "dkm" and not self.update_indices:
+            raise ValueError(
+                "ClusterSpec(assignment='dkm', update_indices=False): DKM re-assigns every "
+                "weight softly at every step, so its indices cannot be frozen. Fix: "
+                "assignment='hard' for frozen indices, or update_indices=True."
             )
 
     @property

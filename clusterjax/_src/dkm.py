@@ -1,0 +1,359 @@
+"""Differentiable k-means (DKM, Cho et al., ICLR 2022) without the N x K memory wall.
+
+For one table of weights `w_1..w_n` and centroids `c_1..c_K` the soft map is
+
+    A_ik = softmax_k(-(w_i - c_k)**2 / tau)                      (attention)
+    c_k <- sum_i A_ik w_i / sum_i A_ik        (dkm_iters times, from the warm start)
+    w~_i = sum_k A_ik c_k                      (with the last centroids)
+
+The centroids couple the weights only through the K-sized sums `(num_k, den_k)`. So
+this module never forms the N x K attention map of a whole table: every pass runs over
+chunks of weights (`_reduce`), and the backward pass is a `custom_vjp` that keeps only
+the weights and the `dkm_iters + 1` centroid vectors (K numbers each) and recomputes
+each chunk's attention when it needs it: one chunked pass per iteration, in reverse,
+each passing a K-sized centroid cotangent to the next. Extra memory of the backward
+pass: the weight gradient being accumulated (4 bytes per weight) and one chunk's
+attention. Nothing is approximated: the result equals the dense formula up to float
+rounding (summation order), which the tests check against a dense N x K reference.
+
+Arithmetic is float32 (float64 for float64 weights), whatever the weights' dtype; the
+output and the weight gradient are cast back to it.
+
+Only the weights are differentiated: the warm-start centroids and the temperature are
+constants of the step (see `clusterjax.ClusterSpec(assignment="dkm")`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from clusterjax._src import segments
+from clusterjax._src.plan import LeafPlan, table_dtype
+from clusterjax._src.straight_through import straight_through
+
+#: `temperature=None` gives tau = AUTO_TEMPERATURE_SCALE * (median gap)**2, the median
+#: taken over the positive gaps between adjacent sorted centroids of the table.
+AUTO_TEMPERATURE_SCALE = 0.5
+
+# Attention entries (weights x centroids) per chunk: 1 MiB of float32.
+_CHUNK_ENTRIES = 1 << 18
+
+
+def auto_temperature(tables: jax.Array) -> jax.Array:
+    """The temperature of `temperature=None`, per table: `(G,)` from `(G, K)` centroids.
+
+    `tau = AUTO_TEMPERATURE_SCALE * m**2` with `m` the median (the lower one for an even
+    count) of the positive gaps between adjacent sorted centroids. At that temperature
+    a weight sitting on a centroid gives a neighbour at the median gap
+    `exp(-1 / AUTO_TEMPERATURE_SCALE)` (0.14) of its own attention, and the soft map is a
+    smooth staircase whose slope peaks halfway between centroids. The median ignores
+    the wide gaps of heavy tails and coinciding centroids. A table with one distinct
+    centroid gets tau = 1 (its soft map is that centroid whatever tau is).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from clusterjax._src.dkm import auto_temperature
+      >>> auto_temperature(jnp.array([[0.0, 1.0, 1.0, 3.0], [2.0, 2.0, 2.0, 2.0]]))
+      Array([0.5, 1. ], dtype=float32)
+    """
+    tables = jax.lax.stop_gradient(tables)
+    if tables.shape[-1] < 2:
+        return jnp.ones(tables.shape[:-1], tables.dtype)
+    gaps = jnp.diff(jnp.sort(tables, axis=-1), axis=-1)
+    positive = gaps > 0
+    count = jnp.sum(positive, axis=-1)
+    ranked = jnp.sort(jnp.where(positive, gaps, jnp.inf), axis=-1)
+    median = jnp.take_along_axis(ranked, jnp.maximum(count - 1, 0)[:, None] // 2, axis=-1)[:, 0]
+    tau = AUTO_TEMPERATURE_SCALE * jnp.square(median)
+    return jnp.where((count > 0) & (tau > 0) & jnp.isfinite(tau), tau, 1.0).astype(tables.dtype)
+
+
+def _attention(w: jax.Array, c: jax.Array, tau: jax.Array) -> jax.Array:
+    """`(G, K, m)` softmax over centroids of `-(w - c)**2 / tau` for a chunk `(G, m)`.
+
+    Centroids on the middle axis: the weights are the long, vectorized minor axis, and
+    the sums over weights reduce along it.
+    """
+    logits = -jnp.square(w[:, None, :] - c[:, :, None]) / tau[:, None, None]
+    return jax.nn.softmax(logits, axis=1)
+
+
+_BLOCK = 256
+
+
+def _wsum(x: jax.Array) -> jax.Array:
+    """Sum over the last axis (weights) in blocks of `_BLOCK`: a float32 error that grows
+    with `_BLOCK + m / _BLOCK` rather than with the chunk length `m`."""
+    m = x.shape[-1]
+    q = m // _BLOCK
+    if q < 2:
+        return jnp.sum(x, axis=-1)
+    partial = jnp.sum(x[..., : q * _BLOCK].reshape(x.shape[:-1] + (q, _BLOCK)), -1)
+    # Without the barrier XLA merges the two reductions into one long, less accurate one.
+    head = jnp.sum(jax.lax.optimization_barrier(partial), -1)
+    return head + jnp.sum(x[..., q * _BLOCK :], axis=-1) if m % _BLOCK else head
+
+
+def _sums(w, valid, c, tau):
+    """`(num, den)`, each `(G, K)`: attention-weighted sums of the chunk's valid weights."""
+    a = _attention(w, c, tau)
+    if valid is not None:
+        a = a * valid[:, None, :].astype(a.dtype)
+    return _wsum(a * w[:, None, :]), _wsum(a)
+
+
+def _sums_vjp(w, valid, c, tau, g_num, g_den):
+    """`(dw (G, m), dc (G, K))`: the cotangents of `_sums` for cotangents `(g_num, g_den)`.
+
+    With `h_k = g_num_k w + g_den_k` (the cotangent of `A_k v`) and `u = sum_k A_k h_k`,
+    the softmax gives `d logit_k = v A_k (h_k - u)`, and `d logit_k / dw = -2 (w - c_k)
+    / tau = -d logit_k / dc_k`; `num` also holds `w` itself: `+ v sum_k g_num_k A_k`.
+    Expanded in powers of `w`, both cotangents are two small matrix products with the
+    attention, `(K, m) x (m, 5)` and its transpose, so the attention is evaluated once.
+    """
+    hi = jax.lax.Precision.HIGHEST
+    a = _attention(w, c, tau)
+    f = jnp.stack([g_num, g_den, c * g_num, c * g_den, c], axis=-1)  # (G, K, 5)
+    p, q, r, s, cbar = jnp.moveaxis(jnp.einsum("gkm,gkf->gmf", a, f, precision=hi), -1, 0)
+    u = w * p + q  # sum_k A_k h_k
+    inner = -w * r - s + u * cbar  # sum_k A_k (h_k - u) (w - c_k)
+    two = (2 / tau)[:, None]
+    dw = p - two * inner
+    x = jnp.stack([jnp.ones_like(w), w, w * w, u, u * w], axis=-1)  # (G, m, 5)
+    if valid is not None:
+        dw = dw * valid.astype(dw.dtype)
+        x = x * valid[..., None].astype(x.dtype)
+    m0, m1, m2, mu0, mu1 = jnp.moveaxis(jnp.einsum("gkm,gmf->gkf", a, x, precision=hi), -1, 0)
+    dc = two * (g_num * m2 + (g_den - g_num * c) * m1 - g_den * c * m0 - mu1 + c * mu0)
+    return dw, dc
+
+
+def _soft(w, c, tau):
+    """`(G, m)`: the soft map `sum_k A_ik c_k` of a chunk."""
+    return jnp.sum(_attention(w, c, tau) * c[:, :, None], axis=1)
+
+
+def _soft_vjp(w, c, tau, g):
+    """`(dw, dc)` of `_soft` for the cotangent `g` `(G, m)`.
+
+    `dw = (2 / tau) g Var_A(c)` (the slope of the staircase), and
+    `dc_k = sum_i g_i A_ik (1 + (2 / tau) (c_k - w~_i) (w_i - c_k))`.
+    """
+    a = _attention(w, c, tau)
+    out = jnp.sum(a * c[:, :, None], axis=1)
+    dev = c[:, :, None] - out[:, None, :]
+    two = (2 / tau)[:, None]
+    dw = two * g * jnp.sum(a * jnp.square(dev), axis=1)
+    ga = g[:, None, :] * a
+    dc = _wsum(ga * (1 + two[:, :, None] * dev * (w[:, None, :] - c[:, :, None])))
+    return dw, dc
+
+
+def _chunk_len(g: int, k: int) -> int:
+    m = max(1, _CHUNK_ENTRIES // max(1, g * k))
+    return m if m < 2 * _BLOCK else m - m % _BLOCK
+
+
+def _reduce(n: int, m: int, body, carry):
+    """`carry = body(start, size, carry)` over the chunks `[start, start + size)` of
+    `range(n)`: full chunks of `m` in a `fori_loop`, then the remainder (static sizes)."""
+    full, tail = divmod(n, m)
+    if full == 1:
+        carry = body(0, m, carry)
+    elif full > 1:
+        carry = jax.lax.fori_loop(0, full, lambda i, cr: body(i * m, m, cr), carry)
+    if tail:
+        carry = body(full * m, tail, carry)
+    return carry
+
+
+def _slice(x, start, size):
+    return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+
+
+def _iterate(w, valid, c0, tau, iters):
+    """Centroids `c^0..c^T` `(T + 1, G, K)` and each iteration's `(num, den)` `(T, G, K)`."""
+    g, n = w.shape
+    m = _chunk_len(g, c0.shape[-1])
+    cd = c0.dtype
+    cs, nums, dens = [c0], [], []
+    c = c0
+    for _ in range(iters):
+
+        def body(start, size, acc, c=c):
+            wc = _slice(w, start, size).astype(cd)
+            num, den = _sums(wc, _slice(valid, start, size), c, tau)
+            return acc[0] + num, acc[1] + den
+
+        zero = jnp.zeros_like(c)
+        num, den = _reduce(n, m, body, (zero, zero))
+        # A table whose valid weights all underflow to 0 attention keeps its centroid.
+        c = jnp.where(den > 0, num / jnp.where(den > 0, den, 1), c)
+        cs.append(c)
+        nums.append(num)
+        dens.append(den)
+    stack = lambda xs: jnp.stack(xs) if xs else jnp.zeros((0,) + c0.shape, cd)  # noqa: E731
+    return stack(cs), stack(nums), stack(dens)
+
+
+def _output(w, c, tau):
+    g, n = w.shape
+    m = _chunk_len(g, c.shape[-1])
+
+    def body(start, size, out):
+        wc = _slice(w, start, size).astype(c.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(out, _soft(wc, c, tau).astype(w.dtype), start, 1)
+
+    return _reduce(n, m, body, jnp.empty_like(w))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def soft_map(w: jax.Array, valid, c0: jax.Array, tau: jax.Array, iters: int) -> jax.Array:
+    """The DKM soft map of grouped weights `w` `(G, n)` with warm-start tables `c0` `(G, K)`.
+
+    Args:
+      w: the weights, one row per table, any floating dtype.
+      valid: `None`, or a `(G, n)` bool array: `False` weights (pruned, outliers) are
+        left out of the centroid re-estimation (their output is still the soft map).
+      c0: warm-start centroids in the compute dtype (float32 / float64).
+      tau: `(G,)` temperatures.
+      iters: re-estimation iterations before the output map.
+
+    Returns:
+      `(G, n)` in `w.dtype`. Differentiable w.r.t. `w` only (the warm start and `tau`
+      get zero gradient).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from clusterjax._src.dkm import soft_map
+      >>> w = jnp.array([[-1.0, -0.9, 1.0, 1.1]])
+      >>> soft_map(w, None, jnp.array([[-1.0, 1.0]]), jnp.array([0.01]), 2).round(2)
+      Array([[-0.95, -0.95,  1.05,  1.05]], dtype=float32)
+    """
+    cs, _, _ = _iterate(w, valid, c0, tau, iters)
+    return _output(w, cs[-1], tau)
+
+
+def _soft_map_fwd(w, valid, c0, tau, iters):
+    cs, nums, dens = _iterate(w, valid, c0, tau, iters)
+    return _output(w, cs[-1], tau), (w, valid, cs, nums, dens, tau)
+
+
+def _soft_map_bwd(iters, residuals, g):
+    w, valid, cs, nums, dens, tau = residuals
+    gn, n = w.shape
+    cd = cs.dtype
+    m = _chunk_len(gn, cs.shape[-1])
+
+    # Output stage: d/dw of every weight's own term, and the cotangent of c^T.
+    def out_body(start, size, carry):
+        dw, gc = carry
+        wc = _slice(w, start, size).astype(cd)
+        d_w, d_c = _soft_vjp(wc, cs[-1], tau, _slice(g, start, size).astype(cd))
+        return jax.lax.dynamic_update_slice_in_dim(dw, d_w, start, 1), gc + d_c
+
+    dw = jnp.empty(w.shape, cd)
+    dw, gc = _reduce(n, m, out_body, (dw, jnp.zeros_like(cs[-1])))
+
+    # Iterations in reverse: c^t = num / den of the sums over (w, c^(t-1)).
+    for t in range(iters, 0, -1):
+        num, den = nums[t - 1], dens[t - 1]
+        live = den > 0
+        safe = jnp.where(live, den, 1)
+        g_num = jnp.where(live, gc / safe, 0)
+        g_den = jnp.where(live, -gc * num / jnp.square(safe), 0)
+        c_prev = cs[t - 1]
+        need_gc = t > 1  # the warm start c^0 is a constant
+
+        def body(start, size, carry, c_prev=c_prev, g_num=g_num, g_den=g_den, need_gc=need_gc):
+            dw, gcp = carry
+            wc = _slice(w, start, size).astype(cd)
+            vc = _slice(valid, start, size)
+            d_w, d_c = _sums_vjp(wc, vc, c_prev, tau, g_num, g_den)
+            old = jax.lax.dynamic_slice_in_dim(dw, start, size, axis=1)
+            dw = jax.lax.dynamic_update_slice_in_dim(dw, old + d_w, start, 1)
+            return dw, (gcp + d_c) if need_gc else gcp
+
+        dw, gc_sum = _reduce(n, m, body, (dw, jnp.zeros_like(gc)))
+        gc = gc_sum + jnp.where(live, 0, gc)  # an un-updated centroid passes its cotangent on
+    return dw.astype(w.dtype), None, None, None
+
+
+soft_map.defvjp(_soft_map_fwd, _soft_map_bwd)
+
+
+def _valid(lp: LeafPlan, mask, outliers):
+    """`(G, n)` bool: the weights that enter the centroid sums (or `None`: all)."""
+    if mask is None and outliers is None:
+        return None
+    v = jnp.ones(lp.shape, bool) if mask is None else jnp.asarray(mask)
+    if outliers is not None:
+        v = v.reshape(-1).at[outliers].set(False, mode="drop").reshape(lp.shape)
+    return lp.grouped(v)
+
+
+def _tables(lp: LeafPlan, centroids, mask, dtype):
+    """The warm-start tables the soft map uses: `(G, K)`, or `(G, K - 1)` without the
+    fixed zero centroid of `preserve_sparsity` (kept weights never attend to it)."""
+    t = jax.lax.stop_gradient(jnp.asarray(centroids)).reshape(-1, lp.num_clusters).astype(dtype)
+    return t if mask is None else t[:, 1:]
+
+
+def _temperature(lp: LeafPlan, tables):
+    if lp.spec.temperature is not None:
+        return jnp.full(tables.shape[:1], lp.spec.temperature, tables.dtype)
+    return auto_temperature(tables)
+
+
+_outlier_values = straight_through(lambda x: segments.outlier_values(x).astype(x.dtype))
+
+
+def apply_leaf(lp: LeafPlan, w: jax.Array, centroids, mask, outliers) -> jax.Array:
+    """The soft-clustered leaf: `cj.apply` for a leaf with `assignment="dkm"`.
+
+    Pruned weights (`mask == False`) are exactly 0 with zero gradient; kept ones attend
+    to the non-zero centroids only. Outliers read their own value rounded to float16
+    (as in the hard mode) with the plain gradient, and stay out of the centroid sums.
+    Compiled once per geometry (the chunk loops would otherwise be re-traced at every
+    eager call).
+    """
+    return _apply_leaf(dataclasses.replace(lp, path=""), w, centroids, mask, outliers)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_leaf(lp: LeafPlan, w, centroids, mask, outliers):
+    cd = table_dtype(w.dtype)
+    tables = _tables(lp, centroids, mask, cd)
+    tau = _temperature(lp, tables)
+    valid = _valid(lp, mask, outliers)
+    if mask is not None:
+        w = jnp.where(mask, w, jax.lax.stop_gradient(w))
+    out = lp.ungrouped(soft_map(lp.grouped(w), valid, tables, tau, lp.spec.dkm_iters))
+    if mask is not None:
+        out = jnp.where(mask, out, jnp.zeros((), out.dtype))
+    if outliers is not None:
+        out = segments.put_outliers(out, outliers, _outlier_values(w.reshape(-1)[outliers]))
+    return out
+
+
+def refresh(lp: LeafPlan, w: jax.Array, centroids, mask, outliers) -> jax.Array:
+    """The warm-start centroids after `dkm_iters` re-estimations from `centroids` (no
+    gradient), shaped and typed like `centroids`; the zero centroid stays 0."""
+    return _refresh(dataclasses.replace(lp, path=""), w, centroids, mask, outliers)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _refresh(lp: LeafPlan, w, centroids, mask, outliers):
+    w = jax.lax.stop_gradient(w)
+    centroids = jnp.asarray(centroids)
+    tables = _tables(lp, centroids, mask, table_dtype(w.dtype))
+    tau = _temperature(lp, tables)
+    cs, _, _ = _iterate(lp.grouped(w), _valid(lp, mask, outliers), tables, tau, lp.spec.dkm_iters)
+    new = cs[-1]
+    if mask is not None:
+        new = jnp.concatenate([jnp.zeros_like(new[:, :1]), new], axis=1)
+    return new.reshape(lp.table_shape).astype(centroids.dtype)
