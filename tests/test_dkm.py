@@ -80,6 +80,9 @@ def _state(params, spec):
         ({"assignment": "dkm", "dkm_iters": 0}, r"dkm_iters=0.*int >= 1"),
         ({"assignment": "dkm", "dkm_iters": 2.0}, r"dkm_iters=2.0"),
         ({"assignment": "dkm", "update_indices": False}, r"cannot be frozen"),
+        ({"assignment": "dkm", "cluster_dim": 2}, r"plain scalar tables"),
+        ({"assignment": "dkm", "lut_dtype": "int8"}, r"plain scalar tables"),
+        ({"assignment": "dkm", "per_channel_scale": True}, r"plain scalar tables"),
     ],
 )
 def test_spec_rejects_bad_dkm_fields(kwargs, match):
@@ -109,7 +112,10 @@ def test_auto_temperature_is_half_the_squared_median_positive_gap():
 # Exactness against the dense reference.
 
 
-@pytest.mark.parametrize(("shape", "k"), [((400, 250), 16), ((317, 211), 8)])
+@pytest.mark.parametrize(
+    ("shape", "k"),
+    [((400, 250), 16), pytest.param((317, 211), 8, marks=pytest.mark.slow)],
+)
 def test_matches_dense_reference_on_1e5_weights(shape, k):
     w = jax.random.normal(KEY, shape) * 0.05
     spec = cj.ClusterSpec(num_clusters=k, assignment="dkm")
@@ -132,7 +138,7 @@ def test_matches_dense_reference_on_1e5_weights(shape, k):
     assert 0 < rel(out, hard) < 0.5
 
 
-@settings(max_examples=8)
+@settings(max_examples=3, deadline=None)
 @given(
     g=st.integers(1, 3),
     n=st.integers(1, 300),
@@ -187,7 +193,7 @@ def test_check_grads_float64():
 
 @pytest.mark.parametrize(
     ("granularity", "axis", "group_size"),
-    [("channel", -1, None), ("channel", 0, None)],
+    [("channel", -1, None), pytest.param("channel", 0, None, marks=pytest.mark.slow)],
 )
 def test_per_channel_tables(granularity, axis, group_size):
     w = jax.random.normal(KEY, (24, 6, 4))
@@ -212,6 +218,7 @@ def test_per_channel_tables(granularity, axis, group_size):
     assert rel(g1, g2) <= 1e-4
 
 
+@pytest.mark.slow
 def test_grouped_tables_pool_their_channels():
     """A group's table is re-estimated from all its channels: the reference moves the
     group axis next to the table (group_size channels = one table of their weights)."""
@@ -266,6 +273,7 @@ def test_preserve_sparsity():
     assert np.all(np.asarray(new.indices["w"])[np.asarray(mask)] > 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_params(dtype):
     w = (jax.random.normal(KEY, (64, 32)) * 0.1).astype(dtype)
@@ -397,6 +405,7 @@ print("sharded dkm: ok")
 """
 
 
+@pytest.mark.slow
 def test_sharded_params_give_the_unsharded_result():
     import os
     import subprocess

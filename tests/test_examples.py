@@ -99,6 +99,7 @@ def test_small_k(tmp_path):
     assert "0.673" in text  # tfmot's number for the MLP at K = 2 is in the table
 
 
+@pytest.mark.slow  # the formats themselves are tested in test_formats.py
 def test_formats(tmp_path):
     formats = _load("formats")
     out = formats.main(["--quick", "--skip-minilm", "--epochs", "1", "--finetune-epochs", "1",

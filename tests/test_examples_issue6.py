@@ -11,6 +11,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -21,6 +23,7 @@ def _load(name):
     return module
 
 
+@pytest.mark.slow  # example smoke run; the library parts are tested elsewhere
 def test_fisher_groups(tmp_path):
     argv = [
         "--epochs", "1", "--clusters", "4", "--groups", "1,8,tensor", "--init", "density",
@@ -44,6 +47,7 @@ def test_fisher_groups(tmp_path):
     assert size["tensor"] < size["8"] < size["1"]
 
 
+@pytest.mark.slow  # example smoke run; the library parts are tested elsewhere
 def test_sharded(tmp_path):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)

@@ -102,7 +102,7 @@ def test_leaf_errors_name_the_leaf():
 # --------------------------------------------------------------------------- vectors
 
 
-@settings(max_examples=30)
+@settings(max_examples=15)
 @given(
     n=st.integers(1, 300),
     k=st.integers(1, 40),
@@ -244,7 +244,7 @@ def test_vector_tables_train_on_a_regression():
 # --------------------------------------------------------------------------- lut / CQAT
 
 
-@settings(max_examples=40)
+@settings(max_examples=15)
 @given(
     g=st.integers(1, 4),
     k=st.integers(1, 20),
@@ -551,7 +551,7 @@ def test_non_finite_lut_and_channel_scales_are_rejected(blob3):
         loads(_edit_array(blob3, "w", "scales", "values", [np.nan] * 6))
 
 
-@settings(max_examples=1500)
+@settings(max_examples=400)
 @given(data=st.data())
 def test_fuzz_version_3_byte_mutations(blob3, data):
     mutated = bytearray(blob3)
@@ -575,7 +575,7 @@ _values = (
 )
 
 
-@settings(max_examples=800)
+@settings(max_examples=200)
 @given(data=st.data())
 def test_fuzz_version_3_header_fields(blob3, data):
     header, raw = _split(blob3)
