@@ -288,6 +288,7 @@ def test_half_precision_params(dtype):
     assert g.dtype == dtype and bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))
 
 
+@pytest.mark.slow  # outliers: the same code path as the masked sums
 def test_outliers_keep_their_value_and_stay_out_of_the_sums():
     w = jax.random.normal(KEY, (50, 20))
     w = w.at[3, 4].set(25.0)

@@ -415,6 +415,7 @@ def test_minilm_real_model():
 LLM = _load("llm")
 
 
+@pytest.mark.slow  # a whole tiny model saved, loaded and run twice
 def test_packed_file_forward_equals_strip_forward(tmp_path):
     """A model saved packed (per-channel tables, outliers) and run from
     `cj.load(path, packed=True)`, each layer expanded inside jit at use, gives the logits

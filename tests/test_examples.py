@@ -84,6 +84,7 @@ if __name__ == "__main__":
     pytest.main([__file__, "-q"])
 
 
+@pytest.mark.slow  # example smoke run; small_k's parts are tested elsewhere
 def test_small_k(tmp_path):
     argv = ["--models", "mlp", "--clusters", "2", "--seeds", "2", "--inits", "linear"]
     argv += ["--fisher-damping", "0.1", "--steps", "2", "--no-progress", "--out", str(tmp_path)]

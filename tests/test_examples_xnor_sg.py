@@ -44,6 +44,7 @@ def test_xnor_tiny(tmp_path):
     assert "| XNOR, clipped STE |" in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.slow  # example smoke run
 def test_synthetic_gradients_tiny(tmp_path, sg):
     out = sg.main(
         ["--epochs", "1", "--hidden", "32,32,32", "--out", str(tmp_path), "--no-progress"]

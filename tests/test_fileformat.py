@@ -709,7 +709,7 @@ def _check_accepted(out, blob):
                 assert leaf.unpack().shape == leaf.shape
 
 
-@settings(max_examples=3000)
+@settings(max_examples=1000)
 @given(data=st.data(), version=st.sampled_from([1, 2]))
 def test_fuzz_byte_mutations(blob, blob2, data, version):
     mutated = bytearray(blob if version == 1 else blob2)
