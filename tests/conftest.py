@@ -3,7 +3,7 @@
 import os
 
 # The tests run small arrays, so their time is XLA compilation: LLVM's optimization passes
-# off (the same semantics, unoptimized machine code) make the suite ~20% faster.
+# off (the same semantics, unoptimized machine code) compile them much faster.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
 ).strip()
