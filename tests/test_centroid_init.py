@@ -173,15 +173,42 @@ def test_kmeans_no_worse_than_kmeanspp_and_equal_to_exact_optimum(seed, k, heavy
     pp = sse(x, table(x, k, "kmeans++", key=key))
     km = sse(x, table(x, k, "kmeans", key=key))
     assert km <= pp * (1 + 1e-6) + 1e-9
-    # Up to 2047 values the refinement's DP runs on the values themselves: the exact
+    # Up to 2048 values the refinement's DP runs on the values themselves: the exact
     # optimum (up to float32 rounding of the centroids).
     best = exact_sse(x, k)
     assert km <= best * (1 + 1e-5) + 1e-9
     assert best <= km * (1 + 1e-6) + 1e-9  # sanity of the reference
 
 
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.sampled_from([137, 520]),
+    k=st.sampled_from([2, 5, 16]),
+    kind=st.sampled_from(["heavy", "ties", "outliers", "weighted"]),
+)
+@settings(max_examples=12, deadline=None)
+def test_kmeans_exact_on_rows_that_take_every_dp_level(seed, n, k, kind):
+    # 137 and 520 values: the DP's coarse-to-fine layers take two and three levels, with
+    # blocks that do not divide the row; ties (few distinct values), isolated outliers
+    # (one value per cluster at the ends) and weights stress the windowed argmin.
+    rng = np.random.default_rng(seed)
+    x = rng.standard_t(3, n)
+    w = None
+    if kind == "ties":
+        x = np.round(x * 2) / 2
+    elif kind == "outliers":
+        x[: k // 2] = 40.0 + 10.0 * np.arange(k // 2)
+    elif kind == "weighted":
+        w = (rng.exponential(size=n) ** 2).astype(np.float32)
+    x = x.astype(np.float32)
+    got = sse(x, table(x, k, "kmeans", importance=w), w)
+    best = exact_sse(x, k, w)
+    assert best <= got * (1 + 1e-6) + 1e-9
+    assert got <= best * (1 + 1e-5) + 1e-9
+
+
 def test_kmeans_within_one_percent_of_optimum_beyond_exact_size():
-    # 2400 > 2047 values: the DP runs on bins cut from the Lloyd cells (not exact), but
+    # 2400 > 2048 values: the DP runs on bins cut from the Lloyd cells (not exact), but
     # must stay within 1% of the optimum (in practice within 0.1%).
     x = data(6, heavy=True, n=2400)
     t = table(x, 8, "kmeans")

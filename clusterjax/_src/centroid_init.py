@@ -47,10 +47,11 @@ between them depends on the data.
   minima). The result is then *refined globally*: the cells of the Lloyd solution are cut
   into ``S >= 16`` equal-count bins each (``S * K`` bins in all), the exact optimal
   partition of these bins into at most ``k`` clusters is found by dynamic programming
-  (divide-and-conquer optimization, O(k B log B) for ``B`` bins; the cut points of the
-  Lloyd solution are bin edges, so this can only lower the cost), and Lloyd is run again
-  from the bin-optimal centroids. When a range has at most ``B`` values the bins are the
-  values themselves and the DP is the exact 1-D k-means optimum. The lower-SSE of the two
+  (``_dp_optimum``: each layer coarse to fine over the monotone argmin, in dense blocks;
+  the cut points of the Lloyd solution are bin edges, so this can only lower the cost),
+  and Lloyd is run again from the bin-optimal centroids. When a range has at most
+  ``max(S K, 2048)`` values the bins are the values themselves, the DP is the exact 1-D
+  k-means optimum and the first Lloyd run is skipped. Otherwise the lower-SSE of the two
   Lloyd results is returned. ``K`` is padded to the next power of two (at least
   ``_KMAX_MIN``), so the per-table work scales with ``K``, not with a fixed 256.
 
@@ -89,6 +90,10 @@ _LLOYD_MAX_ITERS = 300
 _DP_MIN_BINS_PER_CLUSTER = 16
 # ... and at least this many bins in all (cheap for small K, and closer to exact).
 _DP_MIN_BINS = 2048
+# Each level of a DP layer places this many times more positions than the one before ...
+_DP_FACTOR = 8
+# ... from a first, full-search level at a stride of at least m / _DP_TOP.
+_DP_TOP = 16
 # Smallest compiled table size (K is traced up to the next power of two).
 _KMAX_MIN = 4
 # Equal-count bins per centroid of the density seeding of "kmeans".
@@ -872,6 +877,8 @@ def _kmeans_refine(xc, pf, start, stop, k, kmax, seeds):
 
     if kmax == 1:
         return _lloyd(xc, pf, start, stop, k, kmax, seeds)[0]
+    if exact:  # the DP is the optimum: Lloyd only polishes its float32 rounding
+        return _lloyd(xc, pf, start, stop, k, kmax, _dp_optimum(pf, bins(None, None), k, kmax))[0]
     # Two Lloyd runs around one DP, written out: in a loop the DP would sit in a
     # lax.cond, which vmap (per-channel tables) turns into computing it twice.
     first, cost, lower, upper = _lloyd(xc, pf, start, stop, k, kmax, seeds)
@@ -882,108 +889,156 @@ def _kmeans_refine(xc, pf, start, stop, k, kmax, seeds):
 
 
 def _dp_bins(n, kmax):
-    """(number of bins B = 2^L - 1, whether every value is its own bin)."""
+    """(number of bins B, whether every value is its own bin)."""
     target = max(_DP_MIN_BINS_PER_CLUSTER * kmax, _DP_MIN_BINS)
-    nbins = 2 ** math.ceil(math.log2(target)) - 1
-    if n <= nbins:
-        return 2 ** math.ceil(math.log2(n + 1)) - 1, True
-    return nbins, False
+    if n <= target:
+        return n, True
+    return target, False
+
+
+def _dp_strides(m):
+    """Strides of the levels of one DP layer over ``m`` bins, coarse to fine (last 1).
+
+    The first level searches every candidate at positions ``0, s_0, 2 s_0, ...``
+    (``m^2 / s_0 <= _DP_TOP m`` work); each following one the ``f = s_prev / s``
+    positions between two known ones over the range their known neighbours bound, in
+    windows of ``s_prev`` candidates (about ``2 f m`` work per level). Fewer, denser
+    levels run faster on CPU than the binary divide and conquer, whose per-level
+    gathers and scatters cost more than the arithmetic they save.
+    """
+    strides = [1]
+    while m > _DP_TOP * strides[-1]:
+        strides.append(strides[-1] * _DP_FACTOR)
+    return strides[::-1]
 
 
 def _dp_optimum(pf, edges, k, kmax):
     """Optimal partition of the bins ``[edges[b], edges[b+1])`` into at most k clusters.
 
     ``D_c[j]`` = least cost of the first ``j`` bins in at most ``c`` clusters;
-    ``D_c[j] = min_{i < j} D_{c-1}[i] + cost(i, j)``. The minimizing ``i`` is
-    non-decreasing in ``j`` (the cost is Monge), so each layer is solved by divide and
-    conquer, level by level over a complete binary tree of the ``B = 2^L - 1`` positions
-    with static shapes: at level ``l`` the ``2^l`` nodes search disjoint (up to their
-    ends) candidate ranges of total length ``<= B + 2^l``. Returns the sorted cluster
-    means (padding ``_BIG``).
+    ``D_c[j] = min_{i < j} D_{c-1}[i] + cost(i, j)``. The leftmost minimizing ``i``,
+    ``opt_c(j)``, is non-decreasing in ``j`` (the cost is Monge). A layer is computed
+    coarse to fine (``_dp_strides``): ``opt_c`` exactly at a coarse grid by a full search,
+    then, level by level, every position between two known ones searched only over
+    ``[opt_c(left), opt_c(right)]``. Those ranges of consecutive blocks share only their
+    ends, so they fit in a static number of fixed-width windows ("items", laid out by a
+    prefix sum over the blocks): the work is dense arithmetic on small static shapes,
+    and no block waits for the widest one. The layers' values are kept and the
+    partition is read back by recomputing the argmin along the optimal path. Costs are
+    float32 from the double-float prefix sums, each difference taken on the high and the
+    low parts separately (accurate to float32 of the difference itself).
+    Returns the sorted cluster means (padding ``_BIG``).
     """
-    nb = edges.shape[0] - 1  # B
-    levels = int(math.log2(nb + 1))
-    j_all = jnp.arange(nb + 1, dtype=jnp.int32)
-
+    m = edges.shape[0] - 1  # bins
+    strides = _dp_strides(m)
     pe = pf.take(edges)
-    # One row of six float32 per edge; candidates gather whole rows, and the barrier keeps
-    # XLA from fusing the gathers into the double-float arithmetic (which then stays
-    # vectorized: ~3x faster on CPU).
-    rows = jnp.stack([pe.w.hi, pe.w.lo, pe.s1.hi, pe.s1.lo, pe.s2.hi, pe.s2.lo], axis=1)
+    cols = (pe.w.hi, pe.w.lo, pe.s1.hi, pe.s1.lo, pe.s2.hi, pe.s2.lo)
 
-    def cost(i, jj):
-        a, b = lax.optimization_barrier((rows[i], rows[jj]))
+    def cost(a, b):
+        """cost(i, j) from the columns ``a[c]`` (at i) and ``b[c]`` (at j), broadcasting."""
+        w = (b[0] - a[0]) + (b[1] - a[1])
+        s1 = (b[2] - a[2]) + (b[3] - a[3])
+        s2 = (b[4] - a[4]) + (b[5] - a[5])
+        pos = w > 0
+        return jnp.where(pos, jnp.maximum(s2 - s1 * s1 / jnp.where(pos, w, 1.0), 0.0), 0.0)
 
-        def diff(c):
-            return _df_sub(_DF(b[:, c], b[:, c + 1]), _DF(a[:, c], a[:, c + 1]))
+    def soa(r):
+        """(..., 7) gathered rows -> 7 contiguous columns (the arithmetic then vectorizes)."""
+        return lax.optimization_barrier(jnp.moveaxis(r, -1, 0))
 
-        return _cost_var(diff(0), diff(2), diff(4))
+    pos_all = jnp.arange(m + 1, dtype=jnp.int32)
 
-    d0 = jnp.where(j_all == 0, 0.0, jnp.inf)
+    def full_search(rows, j):
+        """(min, leftmost argmin) over all i < j of d[i] + cost(i, j), for a vector j."""
+        a = soa(rows)[:, None, :]
+        b = soa(rows[j])[:, :, None]
+        v = a[6] + cost(a, b)
+        v = jnp.where(pos_all[None, :] < j[:, None], v, jnp.inf)
+        vmin = jnp.min(v, axis=1)
+        return vmin, jnp.min(jnp.where(v <= vmin[:, None], pos_all[None, :], m), axis=1)
 
-    half = (nb + 1) // 2  # nodes on the deepest level
-    size = nb + half  # >= total candidates of any level: nb - 1 + 2^level
-    slot = jnp.arange(half, dtype=jnp.int32)
-    flat = jnp.arange(size, dtype=jnp.int32)
+    def refine(rows, known_opt, s_prev, s, last):
+        """(min, argmin) at stride ``s`` from ``known_opt`` at stride ``s_prev``."""
+        f = s_prev // s
+        ng = known_opt.shape[0] - 1  # blocks
+        window = s_prev
+        # At most ng + (m + ng) / window windows cover the ranges (they share only ends).
+        nitems = ng + -(-(m + ng) // window)
+        item = jnp.arange(nitems, dtype=jnp.int32)
+        u = jnp.arange(window, dtype=jnp.int32)
+        jb = jnp.minimum(
+            jnp.arange(ng, dtype=jnp.int32)[:, None] * s_prev
+            + jnp.arange(f, dtype=jnp.int32)[None, :] * s,
+            m,
+        )  # (ng, f) positions of each block
+        # Rounding could break the monotonicity by a hair: force it, so that the ranges
+        # stay consecutive and within the static number of windows.
+        known_opt = lax.cummax(known_opt)
+        lo, hi = known_opt[:-1], known_opt[1:]
+        chunks = (hi - lo) // window + 1
+        first = jnp.cumsum(chunks) - chunks  # first item of each block
+        owner = jnp.sum(first[None, :] <= item[:, None], axis=1).astype(jnp.int32) - 1
+        t = item - first[owner]
+        i = lo[owner][:, None] + t[:, None] * window + u[None, :]  # (nitems, window)
+        ok = (i <= hi[owner][:, None]) & (t < chunks[owner])[:, None]
+        ic = jnp.clip(i, 0, m)
+        jo = jb[owner]  # (nitems, f)
+        a = soa(rows[ic])[:, :, None, :]
+        v = a[6] + cost(a, soa(rows[jo])[:, :, :, None])
+        v = jnp.where(ok[:, None, :] & (ic[:, None, :] < jo[:, :, None]), v, jnp.inf)
+        best = jnp.full((ng, f), jnp.inf, jnp.float32).at[owner].min(jnp.min(v, axis=2))
+        if last:
+            return best.reshape(-1), None
+        # Leftmost argmin: the smallest candidate reaching the block's minimum.
+        arg = jnp.min(jnp.where(v <= best[owner][:, :, None], ic[:, None, :], m + 1), axis=2)
+        arg = jnp.full((ng, f), m + 1, jnp.int32).at[owner].min(arg)
+        return best.reshape(-1), arg.reshape(-1)
 
-    def level(lvl, carry):
-        d_prev, d_new, opt = carry
-        count = jnp.left_shift(jnp.int32(1), lvl)
-        h = jnp.left_shift(jnp.int32(1), levels - 1 - lvl)
-        active = slot < count
-        nodes = jnp.where(active, h * (2 * slot + 1), nb)
-        lo = opt[jnp.clip(nodes - h, 0, nb + 1)]
-        hi = jnp.where(active, opt[jnp.clip(nodes + h, 0, nb + 1)], lo)
-        # Candidate ranges [lo, hi] of consecutive nodes share only their ends (opt is
-        # non-decreasing), so node s starts at flat offset lo_s + s.
-        offs = jnp.where(active, lo + slot, size)
-        marks = jnp.zeros((size,), jnp.float32).at[offs[1:]].add(1.0, mode="drop")
-        seg = _cumsum(marks).astype(jnp.int32)
-        i = lo[seg] + flat - offs[seg]
-        node = nodes[seg]
-        valid = (i <= hi[seg]) & (i < node) & active[seg]
-        i = jnp.where(valid, i, 0)
-        v = jnp.where(valid, d_prev[i] + cost(i, node), jnp.inf)
-        best = jax.ops.segment_min(v, seg, num_segments=half, indices_are_sorted=True)
-        arg = jax.ops.segment_min(
-            jnp.where(valid & (v <= best[seg]), i, nb),
-            seg,
-            num_segments=half,
-            indices_are_sorted=True,
-        )
-        arg = jnp.clip(arg, lo, jnp.maximum(jnp.minimum(hi, nodes - 1), lo))
-        target = jnp.where(active, nodes, nb + 2)  # inactive: dropped
-        opt = opt.at[target].set(arg, mode="drop")
-        d_new = d_new.at[target].set(best, mode="drop")
-        return d_prev, d_new, opt
+    base = jnp.stack(cols, axis=1)  # (m + 1, 6)
 
-    def layer(d_prev):
-        opt = jnp.zeros((nb + 2,), jnp.int32).at[nb + 1].set(nb - 1)
-        d_new = jnp.zeros((nb + 1,), jnp.float32)
-        _, d_new, opt = lax.fori_loop(0, levels, level, (d_prev, d_new, opt))
-        return d_new, opt[: nb + 1]
+    def with_d(d):
+        """One row per position: the six prefix-sum parts and D (one gather per index)."""
+        return jnp.concatenate([base, d[:, None]], axis=1)
+
+    def layer(d):
+        rows = with_d(d)
+        grid = jnp.minimum(jnp.arange(-(-m // strides[0]) + 1, dtype=jnp.int32) * strides[0], m)
+        best, opt = full_search(rows, grid)
+        for lvl in range(1, len(strides)):
+            s_prev, s = strides[lvl - 1], strides[lvl]
+            last = lvl == len(strides) - 1
+            best, arg = refine(rows, opt, s_prev, s, last)
+            if not last:
+                # Positions past m were clipped to m; the next level needs m last.
+                opt = jnp.concatenate([arg[: -(-m // s)], opt[-1:]])
+        if best.shape[0] < m + 1:  # m is not among the positions when s_prev divides m
+            best = jnp.concatenate([best, full_search(rows, jnp.full((1,), m, jnp.int32))[0]])
+        return jnp.where(pos_all == 0, 0.0, best[: m + 1])
+
+    d1 = cost(base[0], base.T)
+    ds0 = jnp.zeros((kmax, m + 1), jnp.float32).at[0].set(d1)
 
     def body(carry):
-        c, d, opts = carry
-        d, opt = layer(d)
-        return c + 1, d, opts.at[c - 1].set(opt)
+        c, ds = carry
+        return c + 1, ds.at[c].set(layer(ds[c - 1]))
 
-    opts0 = jnp.zeros((kmax, nb + 1), jnp.int32)
-    _, _, opts = lax.while_loop(lambda cr: cr[0] <= k, body, (jnp.int32(1), d0, opts0))
+    # Layers D_1 .. D_{k-1}: the backtrack reads D_k only at m, through D_{k-1}.
+    _, ds = lax.while_loop(lambda cr: cr[0] < k - 1, body, (jnp.int32(1), ds0))
 
-    # Backtrack from the last bin: cluster c - 1 is [opt_c[j], j).
+    # Backtrack from the last bin: cluster c - 1 (0-based) is [cut_c, j).
     def back(s, carry):
         j, lows, highs = carry
-        c = k - s  # number of clusters used for the prefix ending at j
+        c = k - s  # clusters in the prefix ending at j
         active = c >= 1
-        i = opts[jnp.clip(c - 1, 0, kmax - 1), j]
         idx = jnp.clip(c - 1, 0, kmax - 1)
+        _, i = full_search(with_d(ds[jnp.clip(c - 2, 0, kmax - 1)]), j[None])
+        i = jnp.where(c >= 2, i[0], 0)
         lows = jnp.where(active, lows.at[idx].set(edges[i]), lows)
         highs = jnp.where(active, highs.at[idx].set(edges[j]), highs)
         return jnp.where(active, i, j), lows, highs
 
     zeros = jnp.zeros((kmax,), jnp.int32)
-    _, lows, highs = lax.fori_loop(0, kmax, back, (jnp.int32(nb), zeros, zeros))
+    _, lows, highs = lax.fori_loop(0, kmax, back, (jnp.int32(m), zeros, zeros))
     means, weight = _mean(pf, lows, highs, 0.0)
     slot = jnp.arange(kmax)
     table = jnp.sort(jnp.where((slot < k) & (weight > 0), means, _BIG)).astype(jnp.float32)
