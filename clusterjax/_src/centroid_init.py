@@ -943,7 +943,7 @@ def _dp_optimum(pf, edges, k, kmax):
         return jnp.where(pos, jnp.maximum(s2 - s1 * s1 / jnp.where(pos, w, 1.0), 0.0), 0.0)
 
     def soa(r):
-        """(..., 7) gathered rows -> 7 contiguous columns (the arithmetic then vectorizes)."""
+        """(..., 7) gathered rows -> 7 columns, materialized (not fused into the gather)."""
         return lax.optimization_barrier(jnp.moveaxis(r, -1, 0))
 
     pos_all = jnp.arange(m + 1, dtype=jnp.int32)
@@ -1011,7 +1011,7 @@ def _dp_optimum(pf, edges, k, kmax):
             if not last:
                 # Positions past m were clipped to m; the next level needs m last.
                 opt = jnp.concatenate([arg[: -(-m // s)], opt[-1:]])
-        if best.shape[0] < m + 1:  # m is not among the positions when s_prev divides m
+        if best.shape[0] < m + 1:  # the blocks end just before m when s_prev divides m
             best = jnp.concatenate([best, full_search(rows, jnp.full((1,), m, jnp.int32))[0]])
         return jnp.where(pos_all == 0, 0.0, best[: m + 1])
 
