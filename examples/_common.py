@@ -226,6 +226,15 @@ def train_clustered(
     return params, state
 
 
+def finetune(model, params, state, data, args, **train):
+    """`train_clustered` with the fine-tuning flags of `add_common_args` (`--finetune-epochs`,
+    `--finetune-lr`, `--constant-lr`); `train` holds the rest (batch size, seed, desc...)."""
+    return train_clustered(
+        model, params, state, data, epochs=args.finetune_epochs, lr=args.finetune_lr,
+        cosine=not args.constant_lr, **train,
+    )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- sizes
 
 

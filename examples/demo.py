@@ -68,14 +68,12 @@ def main(argv=None) -> dict:
                 spec = cj.ClusterSpec(num_clusters=k, init=init, granularity=args.granularity)
                 state = cj.init(params, {C.KERNELS: spec}, key=jax.random.key(args.seed + 1))
                 before = C.accuracy(model, cj.strip(params, state), x_ev, y_ev)
-                p2, s2 = C.train_clustered(
+                p2, s2 = C.finetune(
                     model,
                     params,
                     state,
                     data,
-                    epochs=args.finetune_epochs,
-                    lr=args.finetune_lr,
-                    cosine=not args.constant_lr,
+                    args,
                     desc=f"{name} {init} K={k}",
                     **train,
                 )

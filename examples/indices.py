@@ -85,14 +85,12 @@ def main(argv=None) -> dict:
                         cell["before"].append(
                             C.accuracy(model, cj.strip(params, state), x_ev, y_ev)
                         )
-                    p2, s2 = C.train_clustered(
+                    p2, s2 = C.finetune(
                         model,
                         params,
                         state,
                         data,
-                        epochs=args.finetune_epochs,
-                        lr=args.finetune_lr,
-                        cosine=not args.constant_lr,
+                        args,
                         desc=f"{name} K={k} {'re-assigned' if update else 'frozen'}",
                         **train,
                     )

@@ -117,14 +117,12 @@ def main(argv=None) -> dict:
                 state = cj.init(pruned, {C.KERNELS: spec}, key=jax.random.key(args.seed + 1))
                 sp_init = C.sparsity([w for _, w in C.clustered_leaves(pruned, state)])
                 before = C.accuracy(model, cj.strip(pruned, state), x_ev, y_ev)
-                p2, s2 = C.train_clustered(
+                p2, s2 = C.finetune(
                     model,
                     pruned,
                     state,
                     data,
-                    epochs=args.finetune_epochs,
-                    lr=args.finetune_lr,
-                    cosine=not args.constant_lr,
+                    args,
                     desc=f"{name} K={k} preserve_sparsity={preserve}",
                     **train,
                 )
