@@ -191,6 +191,106 @@ def test_check_grads_float64():
             )
 
 
+# ---------------------------------------------------------------------------------------
+# The grid path: tables of many weights, against a float64 dense reference.
+
+
+def _tables_of(dist, g, n, k, seed):
+    rng = np.random.default_rng(seed)
+    draw = {
+        "normal": lambda: rng.normal(size=(g, n)),
+        "truncated": lambda: np.clip(rng.normal(size=(g, n)), -2, 2),
+        "uniform": lambda: rng.uniform(-1, 1, size=(g, n)),
+        "student3": lambda: rng.standard_t(3, size=(g, n)),
+    }[dist]
+    w = (0.05 * draw()).astype(np.float32)
+    c0 = np.stack([np.quantile(row, (np.arange(k) + 0.5) / k) for row in w]).astype(np.float32)
+    return jnp.asarray(w), jnp.asarray(c0), jnp.asarray(rng.normal(size=(g, n)), jnp.float32)
+
+
+def _f64_soft(w, valid, c0, tau, iters, up):
+    """The dense reference in float64: output and d sum(out * up) / dw."""
+    with jax.enable_x64(True):
+        f64 = jnp.float64
+        args = (c0.astype(f64), tau.astype(f64))
+
+        def loss(x):
+            out = naive_soft(x, valid, *args, iters)
+            return jnp.sum(out * up.astype(f64)), out
+
+        (_, out), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(w.astype(f64))
+        return np.asarray(out), np.asarray(g)
+
+
+def _grid_used(w, valid, c0, tau, iters):
+    assert dkm._uses_grid(w.shape[1], c0.shape[1])
+    return bool(jax.jit(dkm._grid_setup, static_argnums=4)(w, valid, c0, tau, iters)[1])
+
+
+@pytest.mark.parametrize(
+    ("dist", "g", "n", "masked"),
+    [("normal", 1, 150_000, False), ("truncated", 2, 70_000, True), ("uniform", 1, 40_000, False)],
+)
+def test_grid_path_matches_float64_reference(dist, g, n, masked):
+    w, c0, up = _tables_of(dist, g, n, 16, seed=n)
+    tau = dkm.auto_temperature(c0)
+    valid = jax.random.uniform(KEY, w.shape) < 0.8 if masked else None
+    assert _grid_used(w, valid, c0, tau, 3)
+    out = jax.jit(lambda x: dkm.soft_map(x, valid, c0, tau, 3))(w)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(dkm.soft_map(x, valid, c0, tau, 3) * up)))(w)
+    ref_out, ref_grad = _f64_soft(w, valid, c0, tau, 3, up)
+    assert rel(out, ref_out) <= 1e-5
+    assert rel(grad, ref_grad) <= 1e-4
+    # Not the exact path in disguise: the chunked one is closer still.
+    exact = jax.jit(jax.grad(lambda x: jnp.sum(dkm._exact_map(x, valid, c0, tau, 3) * up)))(w)
+    assert rel(exact, ref_grad) < rel(grad, ref_grad)
+    # The refreshed warm start: the same centroids as the dense iterations.
+    with jax.enable_x64(True):
+        f64 = jnp.float64
+        cs = dkm._iterate(w.astype(f64), valid, c0.astype(f64), tau.astype(f64), 3)
+        want = np.asarray(cs[0][-1])
+    got = np.asarray(dkm.centroids_after(w, valid, c0, tau, 3))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.ptp(want)))
+
+
+def test_heavy_tails_take_the_exact_path():
+    """Far tail centroids make near-steps the nodes cannot resolve: the measured error
+    sends the call to the exact chunked path, whose result it then is, bit for bit."""
+    w, c0, up = _tables_of("student3", 1, 60_000, 16, seed=3)
+    tau = dkm.auto_temperature(c0)
+    assert not _grid_used(w, None, c0, tau, 3)
+
+    def grad(fn):
+        return jax.jit(jax.grad(lambda x: jnp.sum(fn(x, None, c0, tau, 3) * up)))(w)
+
+    np.testing.assert_array_equal(grad(dkm.soft_map), grad(dkm._exact_map))
+    np.testing.assert_array_equal(
+        jax.jit(lambda x: dkm.soft_map(x, None, c0, tau, 3))(w),
+        jax.jit(lambda x: dkm._exact_map(x, None, c0, tau, 3))(w),
+    )
+    got = dkm.centroids_after(w, None, c0, tau, 3)
+    np.testing.assert_array_equal(got, dkm._iterate(w, None, c0, tau, 3)[0][-1])
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    dist=st.sampled_from(["normal", "truncated", "uniform", "student3"]),
+    k=st.sampled_from([4, 8, 16]),
+    scale=st.sampled_from([None, 0.2, 1.0, 5.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_grid_is_used_only_when_accurate(dist, k, scale, seed):
+    """Whatever the table and temperature: when the measured interpolation error lets
+    the grid path run, its gradient is within the issue's 1e-4 of the float64 one."""
+    w, c0, up = _tables_of(dist, 1, 40_000, k, seed)
+    tau = dkm.auto_temperature(c0)
+    if scale is not None:
+        tau = tau * scale
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(dkm.soft_map(x, None, c0, tau, 2) * up)))(w)
+    _, ref = _f64_soft(w, None, c0, tau, 2, up)
+    assert rel(grad, ref) <= 1e-4, _grid_used(w, None, c0, tau, 2)
+
+
 @pytest.mark.parametrize(
     ("granularity", "axis", "group_size"),
     [("channel", -1, None), pytest.param("channel", 0, None, marks=pytest.mark.slow)],

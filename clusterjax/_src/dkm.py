@@ -6,15 +6,25 @@ For one table of weights `w_1..w_n` and centroids `c_1..c_K` the soft map is
     c_k <- sum_i A_ik w_i / sum_i A_ik        (dkm_iters times, from the warm start)
     w~_i = sum_k A_ik c_k                      (with the last centroids)
 
-The centroids couple the weights only through the K-sized sums `(num_k, den_k)`. So
-this module never forms the N x K attention map of a whole table: every pass runs over
-chunks of weights (`_reduce`), and the backward pass is a `custom_vjp` that keeps only
-the weights and the `dkm_iters + 1` centroid vectors (K numbers each) and recomputes
-each chunk's attention when it needs it: one chunked pass per iteration, in reverse,
-each passing a K-sized centroid cotangent to the next. Extra memory of the backward
-pass: the weight gradient being accumulated (4 bytes per weight) and one chunk's
-attention. Nothing is approximated: the result equals the dense formula up to float
-rounding (summation order), which the tests check against a dense N x K reference.
+The centroids couple the weights only through the K-sized sums `(num_k, den_k)`, so
+nothing of size N x K is ever formed or kept. Two paths compute the map:
+
+- exact (`_exact_map`): every pass runs over chunks of weights (`_reduce`), and the
+  backward pass is a `custom_vjp` that keeps only the weights and the `dkm_iters + 1`
+  centroid vectors (K numbers each) and recomputes each chunk's attention when it needs
+  it. Nothing is approximated: the result equals the dense formula up to float rounding
+  (summation order). Cost: K exponentials per weight per pass, 2 (dkm_iters + 1) passes.
+- grid (`_large_map`, tables of at least `8 * _grid_nodes(K)` weights): the soft map and
+  the functions the sums integrate are smooth functions of one weight, so they are
+  evaluated at `_grid_nodes(K)` uniformly spaced nodes and interpolated (cubic Hermite);
+  the weights enter through four moments per cell (one scatter) and the output through
+  one gather per weight. Cost: per weight, one scatter and one gather each way; per
+  table, K exponentials per node. Its interpolation error is measured at every call
+  (see "The grid path" below), and when it is larger than `_GRID_TOL` (5e-5 relative,
+  root mean square over the weights of the slope the gradient reads) the call takes the
+  exact path instead: heavy-tailed tables, whose far centroids make near-steps, and very
+  small temperatures. The tests hold the grid's gradients to 1e-4 of a float64 dense
+  reference whenever it is taken.
 
 Arithmetic is float32 (float64 for float64 weights), whatever the weights' dtype; the
 output and the weight gradient are cast back to it.
@@ -212,28 +222,8 @@ def _output(w, c, tau):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def soft_map(w: jax.Array, valid, c0: jax.Array, tau: jax.Array, iters: int) -> jax.Array:
-    """The DKM soft map of grouped weights `w` `(G, n)` with warm-start tables `c0` `(G, K)`.
-
-    Args:
-      w: the weights, one row per table, any floating dtype.
-      valid: `None`, or a `(G, n)` bool array: `False` weights (pruned, outliers) are
-        left out of the centroid re-estimation (their output is still the soft map).
-      c0: warm-start centroids in the compute dtype (float32 / float64).
-      tau: `(G,)` temperatures.
-      iters: re-estimation iterations before the output map.
-
-    Returns:
-      `(G, n)` in `w.dtype`. Differentiable w.r.t. `w` only (the warm start and `tau`
-      get zero gradient).
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from clusterjax._src.dkm import soft_map
-      >>> w = jnp.array([[-1.0, -0.9, 1.0, 1.1]])
-      >>> soft_map(w, None, jnp.array([[-1.0, 1.0]]), jnp.array([0.01]), 2).round(2)
-      Array([[-0.95, -0.95,  1.05,  1.05]], dtype=float32)
-    """
+def _exact_map(w: jax.Array, valid, c0: jax.Array, tau: jax.Array, iters: int) -> jax.Array:
+    """The exact soft map (`soft_map`'s arguments): chunked passes over the weights."""
     cs, _, _ = _iterate(w, valid, c0, tau, iters)
     return _output(w, cs[-1], tau)
 
@@ -283,7 +273,309 @@ def _soft_map_bwd(iters, residuals, g):
     return dw.astype(w.dtype), None, None, None
 
 
-soft_map.defvjp(_soft_map_fwd, _soft_map_bwd)
+_exact_map.defvjp(_soft_map_fwd, _soft_map_bwd)
+
+
+# ---------------------------------------------------------------------------------------
+# The grid path: tables of many weights.
+#
+# With the centroids fixed, the soft map and every function of a weight that the
+# centroid sums integrate are smooth functions of that one weight. On a table with many
+# more weights than `_grid_nodes(K)`, they are evaluated at uniformly spaced nodes over
+# the table's range and interpolated in between: a cubic Hermite per cell, from the
+# values and slopes at its two nodes. The weights then enter the sums only through four
+# moments per cell, `sum_i v_i t_i**p` (p = 0..3, `t_i` the weight's position in its
+# cell), and the output through one gather of its cell's cubic; the backward pass is the
+# same in reverse (moments of the upstream gradient, one gather of the cells' derivative
+# cubics). Per weight and pass that is one scatter or gather instead of K exponentials.
+#
+# Error: cubic Hermite interpolation errs by O(h**4) in the value and O(h**3) in the
+# slope (h = node spacing) against the scale it has to resolve, the softmax transition
+# between neighbouring centroids (`tau / (2 gap)` wide). Every call measures it on the
+# cells that hold weights, for the first and the last centroids of the step: the value
+# mid-cell and the slope at `t = (3 - sqrt 3) / 6`, where a cubic Hermite's slope error
+# peaks, against the exact soft map there, relative to the table's span and its largest
+# slope. Above `_GRID_TOL` the step takes the exact chunked path instead (heavy-tailed
+# tables, whose far centroids make near-steps, and very small temperatures).
+
+_GRID_PER_CLUSTER = 256
+_GRID_NODES = (1024, 1 << 16)
+# The grid path needs at least this many weights per node to pay for its fixed cost.
+_GRID_MIN_WEIGHTS_PER_NODE = 8
+_GRID_TOL = 5e-5
+_GRID_MAX_RATIO = 20
+
+
+def _grid_nodes(k: int) -> int:
+    """Nodes per table for K centroids: the transitions narrow as the table fills."""
+    return int(min(max(_GRID_PER_CLUSTER * k, _GRID_NODES[0]), _GRID_NODES[1]))
+
+
+def _uses_grid(n: int, k: int) -> bool:
+    return n >= _GRID_MIN_WEIGHTS_PER_NODE * _grid_nodes(k)
+
+
+def _frame(w, nodes):
+    """Per table: the first node `lo` (the smallest weight) and the spacing `h`."""
+    lo, hi = jnp.min(w, axis=1), jnp.max(w, axis=1)
+    h = jnp.where(hi > lo, (hi - lo) / (nodes - 1), 1)
+    return jax.lax.stop_gradient(lo), jax.lax.stop_gradient(h)
+
+
+def _locate(w, lo, h, nodes):
+    """Flat cell index (table * nodes + cell) and position `t` in [0, 1] of every weight."""
+    x = (w - lo[:, None]) / h[:, None]
+    cell = jnp.clip(jnp.floor(x), 0, nodes - 2)
+    t = jnp.clip(x - cell, 0, 1)
+    rows = jnp.arange(w.shape[0], dtype=jnp.int32)[:, None] * nodes
+    return (cell.astype(jnp.int32) + rows).reshape(-1), t.reshape(-1)
+
+
+def _moments(cell, t, v, tables, nodes):
+    """`(tables, nodes, 4)`: per cell, `sum v t**p` for p = 0..3 over its weights."""
+    t2 = t * t
+    rows = jnp.stack([jnp.ones_like(t), t, t2, t2 * t], axis=-1)
+    if v is not None:
+        rows = rows * v[:, None]
+    return jax.ops.segment_sum(rows, cell, tables * nodes).reshape(tables, nodes, 4)
+
+
+def _cubics(f):
+    """`(T, nodes, 4)` power coefficients in `t` of each cell's cubic Hermite from node
+    values and slopes `f` `(T, nodes, 2)` (slopes per unit `t`); the last "cell" is 0."""
+    f0, s0, f1, s1 = f[:, :-1, 0], f[:, :-1, 1], f[:, 1:, 0], f[:, 1:, 1]
+    c = jnp.stack([f0, s0, 3 * (f1 - f0) - 2 * s0 - s1, 2 * (f0 - f1) + s0 + s1], axis=-1)
+    return jnp.pad(c, ((0, 0), (0, 1), (0, 0)))
+
+
+def _node_weights(moments):
+    """`(T, nodes, 2)` weights of node values and slopes such that the sum over a table's
+    weights of a function's interpolant is `sum(weights * node (value, slope))`: the
+    transpose of `_cubics` applied to the cell moments."""
+    example = jnp.zeros(moments.shape[:2] + (2,), moments.dtype)
+    (out,) = jax.linear_transpose(_cubics, example)(moments)
+    return out
+
+
+def _slope_cubics(s):
+    """`(T, nodes, 4)` power coefficients in `t` of each cell's cubic through the node
+    values `s` `(T, nodes)` at `t = -1, 0, 1, 2` (the two nodes of the cell and their
+    outer neighbours; cubic extrapolation past the ends); the last "cell" is 0.
+
+    The gradient reads slopes from these rather than differentiating the value cubics:
+    a value cubic's slope comes from differences of nearly equal node values, which in
+    float32 lose `ulp(value) / (h * slope)`, a relative error that grows as the nodes
+    get denser; node slopes interpolate with O(h**4) error and no such loss.
+    """
+    first = 4 * s[:, :1] - 6 * s[:, 1:2] + 4 * s[:, 2:3] - s[:, 3:4]
+    last = 4 * s[:, -1:] - 6 * s[:, -2:-1] + 4 * s[:, -3:-2] - s[:, -4:-3]
+    y = jnp.concatenate([first, s, last], axis=1)
+    y0, y1, y2, y3 = y[:, :-3], y[:, 1:-2], y[:, 2:-1], y[:, 3:]
+    c = jnp.stack(
+        [y1, -y0 / 3 - y1 / 2 + y2 - y3 / 6, (y0 + y2) / 2 - y1, (y3 - y0) / 6 + (y1 - y2) / 2],
+        axis=-1,
+    )
+    return jnp.pad(c, ((0, 0), (0, 1), (0, 0)))
+
+
+def _attend(x, c, tau, h):
+    """At positions `x` `(T, P)`: attention `(T, P, K)`, soft map `(T, P)` and its slope
+    per unit `t` (`h` times `d/dw`) for centroids `c` `(T, K)`."""
+    a = jax.nn.softmax(-jnp.square(x[..., None] - c[:, None, :]) / tau[:, None, None], axis=-1)
+    f = jnp.sum(a * c[:, None, :], axis=-1)
+    dev = c[:, None, :] - f[..., None]
+    slope = (h * 2 / tau)[:, None] * jnp.sum(a * jnp.square(dev), axis=-1)
+    return a, f, dev, slope
+
+
+def _nodes_x(lo, h, nodes):
+    return lo[:, None] + h[:, None] * jnp.arange(nodes, dtype=lo.dtype)[None, :]
+
+
+def _grid_iterate(d, lo, h, c0, tau, iters):
+    """Centroids `c^0..c^T` from the node weights `d` of the table's valid weights."""
+    x = _nodes_x(lo, h, d.shape[1])
+    d0, d1 = d[..., 0], d[..., 1]
+    cs = [c0]
+    c = c0
+    for _ in range(iters):
+        a, _, dev, _ = _attend(x, c, tau, h)
+        da = (h * 2 / tau)[:, None, None] * a * dev  # the attention's slope per unit t
+        den = jnp.einsum("tg,tgk->tk", d0, a) + jnp.einsum("tg,tgk->tk", d1, da)
+        # d/dt (a x) = da x + h a
+        num = (
+            jnp.einsum("tg,tgk->tk", d0 * x, a)
+            + jnp.einsum("tg,tgk->tk", d1 * x, da)
+            + jnp.einsum("tg,tgk->tk", d1 * h[:, None], a)
+        )
+        c = jnp.where(den > 0, num / jnp.where(den > 0, den, 1), c)
+        cs.append(c)
+    return cs
+
+
+def _grid_values(d, lo, h, c0, tau, iters):
+    """Node values and slopes `(T, nodes, 2)` of the soft map with the last centroids."""
+    c = _grid_iterate(d, lo, h, c0, tau, iters)[-1]
+    _, f, _, slope = _attend(_nodes_x(lo, h, d.shape[1]), c, tau, h)
+    return jnp.stack([f, slope], axis=-1)
+
+
+def _grid_error(lo, h, c, tau, occupancy):
+    """`(T,)` interpolation error of the soft map with centroids `c`, measured mid-cell
+    (where both interpolants err most) and judged where the weights are (`occupancy`
+    `(T, nodes)`: weights per cell): the larger of the slope error in root mean square
+    over the weights relative to the root mean square slope (what a gradient's relative
+    error sees), and `_GRID_MAX_RATIO` times less of the worst cell's value error over
+    the table's span and slope error over the largest slope (what one weight sees)."""
+    nodes = occupancy.shape[1]
+    x = _nodes_x(lo, h, nodes)
+    _, f, _, slope = _attend(x, c, tau, h)
+    _, mid, _, mid_slope = _attend(x + 0.5 * h[:, None], c, tau, h)
+    v = _cubics(jnp.stack([f, slope], -1))
+    d = _slope_cubics(slope)
+    e_mid = jnp.abs(v[..., 0] + v[..., 1] / 2 + v[..., 2] / 4 + v[..., 3] / 8 - mid)
+    e_slope = jnp.abs(d[..., 0] + d[..., 1] / 2 + d[..., 2] / 4 + d[..., 3] / 8 - mid_slope)
+    used = occupancy > 0
+    tiny = jnp.finfo(c.dtype).tiny
+    span = jnp.maximum(jnp.max(c, -1) - jnp.min(c, -1), tiny)
+    top = jnp.maximum(jnp.max(jnp.where(used, slope, 0), -1), tiny)
+    worst = jnp.maximum(
+        jnp.max(jnp.where(used, e_mid, 0), -1) / span,
+        jnp.max(jnp.where(used, e_slope, 0), -1) / top,
+    )
+    rms = jnp.sqrt(
+        jnp.sum(occupancy * jnp.square(e_slope), -1)
+        / jnp.maximum(jnp.sum(occupancy * jnp.square(slope), -1), tiny)
+    )
+    return jnp.maximum(rms, worst / _GRID_MAX_RATIO)
+
+
+def _grid_setup(w, valid, c0, tau, iters):
+    """Everything the grid path needs from the weights, and whether it is accurate."""
+    tables, n = w.shape
+    nodes = _grid_nodes(c0.shape[-1])
+    lo, h = _frame(w, nodes)
+    cell, t = _locate(w, lo, h, nodes)
+    v = None if valid is None else valid.reshape(-1).astype(t.dtype)
+    m = _moments(cell, t, v, tables, nodes)
+    d = _node_weights(m)
+    cs = _grid_iterate(d, lo, h, c0, tau, iters)
+    ok = jnp.all(_grid_error(lo, h, cs[-1], tau, m[..., 0]) <= _GRID_TOL)
+    return (lo, h, cell, t, d, cs), ok
+
+
+def _grid_output(cell, t, d, lo, h, c, tau):
+    """The soft map with centroids `c` at every weight (flat), from its cell's cubic."""
+    _, f, _, slope = _attend(_nodes_x(lo, h, d.shape[1]), c, tau, h)
+    cub = _cubics(jnp.stack([f, slope], axis=-1)).reshape(-1, 4)[cell]
+    return cub[:, 0] + t * (cub[:, 1] + t * (cub[:, 2] + t * cub[:, 3]))
+
+
+def _grid_backward(w, valid, c0, tau, iters, lo, h, d, g):
+    """`d (sum g * soft map) / dw` by the grid, `w` and `g` in the compute dtype."""
+    tables, nodes = d.shape[:2]
+    cell, t = _locate(w, lo, h, nodes)
+    # The output's cubics are linear in the node values: their cotangent is the node
+    # weights of the upstream gradient's moments; through the centroid iterations (on the
+    # nodes only) it becomes the cotangent `e` of the node weights `d`.
+    g_nodes = _node_weights(_moments(cell, t, g.reshape(-1), tables, nodes))
+    f, vjp = jax.vjp(lambda d: _grid_values(d, lo, h, c0, tau, iters), d)
+    (e,) = vjp(g_nodes)
+    # d out_i / d w_i is the soft map's slope at w_i; d (sums) / d w_i the slope of the
+    # function whose node values and slopes are `e` (the sums are sums of interpolants of
+    # the functions they integrate): both interpolated from node slopes.
+    cub = jnp.concatenate([_slope_cubics(f[..., 1]), _slope_cubics(e[..., 1])], -1)
+    cub = cub.reshape(-1, 8)[cell]
+    own = cub[:, 0] + t * (cub[:, 1] + t * (cub[:, 2] + t * cub[:, 3]))
+    sums = cub[:, 4] + t * (cub[:, 5] + t * (cub[:, 6] + t * cub[:, 7]))
+    if valid is not None:
+        sums = sums * valid.reshape(-1).astype(sums.dtype)
+    return (g.reshape(-1) * own + sums).reshape(w.shape) / h[:, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _large_map(w, valid, c0, tau, iters):
+    """The soft map of tables with many weights: by the grid where it is accurate, else
+    exactly; the choice is made once per call and the backward pass follows it."""
+    return _large_map_fwd(w, valid, c0, tau, iters)[0]
+
+
+def _large_map_fwd(w, valid, c0, tau, iters):
+    wc = w.astype(c0.dtype)
+    (lo, h, cell, t, d, cs), ok = _grid_setup(wc, valid, c0, tau, iters)
+    k = c0.shape
+
+    def grid(_):
+        out = _grid_output(cell, t, d, lo, h, cs[-1], tau).reshape(w.shape).astype(w.dtype)
+        none = jnp.zeros((iters + 1,) + k, c0.dtype)
+        return out, (none, none[1:], none[1:])
+
+    def exact(_):
+        exact_cs, nums, dens = _iterate(w, valid, c0, tau, iters)
+        return _output(w, exact_cs[-1], tau), (exact_cs, nums, dens)
+
+    # Inside the custom_vjp the branches are not differentiated, so nothing of the
+    # branch not taken is linearized or kept.
+    out, sums = jax.lax.cond(ok, grid, exact, None)
+    return out, (w, valid, c0, tau, lo, h, d, ok, sums)
+
+
+def _large_map_bwd(iters, residuals, g):
+    w, valid, c0, tau, lo, h, d, ok, (cs, nums, dens) = residuals
+    cd = c0.dtype
+
+    def grid(_):
+        dw = _grid_backward(w.astype(cd), valid, c0, tau, iters, lo, h, d, g.astype(cd))
+        return dw.astype(w.dtype)
+
+    def exact(_):
+        return _soft_map_bwd(iters, (w, valid, cs, nums, dens, tau), g)[0]
+
+    return jax.lax.cond(ok, grid, exact, None), None, None, None
+
+
+_large_map.defvjp(_large_map_fwd, _large_map_bwd)
+
+
+def soft_map(w: jax.Array, valid, c0: jax.Array, tau: jax.Array, iters: int) -> jax.Array:
+    """The DKM soft map of grouped weights `w` `(G, n)` with warm-start tables `c0` `(G, K)`.
+
+    Tables of at least `8 * _grid_nodes(K)` weights take the grid path when its measured
+    interpolation error is within `_GRID_TOL`; everything else the exact chunked one.
+
+    Args:
+      w: the weights, one row per table, any floating dtype.
+      valid: `None`, or a `(G, n)` bool array: `False` weights (pruned, outliers) are
+        left out of the centroid re-estimation (their output is still the soft map).
+      c0: warm-start centroids in the compute dtype (float32 / float64).
+      tau: `(G,)` temperatures.
+      iters: re-estimation iterations before the output map.
+
+    Returns:
+      `(G, n)` in `w.dtype`. Differentiable w.r.t. `w` only (the warm start and `tau`
+      get zero gradient).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from clusterjax._src.dkm import soft_map
+      >>> w = jnp.array([[-1.0, -0.9, 1.0, 1.1]])
+      >>> soft_map(w, None, jnp.array([[-1.0, 1.0]]), jnp.array([0.01]), 2).round(2)
+      Array([[-0.95, -0.95,  1.05,  1.05]], dtype=float32)
+    """
+    if _uses_grid(w.shape[1], c0.shape[-1]):
+        return _large_map(w, valid, c0, tau, iters)
+    return _exact_map(w, valid, c0, tau, iters)
+
+
+def centroids_after(w: jax.Array, valid, c0: jax.Array, tau: jax.Array, iters: int):
+    """The centroids after `iters` re-estimations (no gradient), `(G, K)`: the grid path
+    when it applies and is accurate, as in `soft_map`."""
+    w = jax.lax.stop_gradient(w)
+    exact = lambda: _iterate(w, valid, c0, tau, iters)[0][-1]  # noqa: E731
+    if not _uses_grid(w.shape[1], c0.shape[-1]):
+        return exact()
+    (_, _, _, _, _, cs), ok = _grid_setup(w.astype(c0.dtype), valid, c0, tau, iters)
+    return jax.lax.cond(ok, lambda: cs[-1], exact)
 
 
 def _valid(lp: LeafPlan, mask, outliers):
@@ -352,8 +644,7 @@ def _refresh(lp: LeafPlan, w, centroids, mask, outliers):
     centroids = jnp.asarray(centroids)
     tables = _tables(lp, centroids, mask, table_dtype(w.dtype))
     tau = _temperature(lp, tables)
-    cs, _, _ = _iterate(lp.grouped(w), _valid(lp, mask, outliers), tables, tau, lp.spec.dkm_iters)
-    new = cs[-1]
+    new = centroids_after(lp.grouped(w), _valid(lp, mask, outliers), tables, tau, lp.spec.dkm_iters)
     if mask is not None:
         new = jnp.concatenate([jnp.zeros_like(new[:, :1]), new], axis=1)
     return new.reshape(lp.table_shape).astype(centroids.dtype)

@@ -82,7 +82,9 @@ class ClusterSpec:
         clustering itself. The state's centroids are a warm start, refreshed (with the
         hard indices) by `update_indices`; they get zero gradient and `cj.optimizer`
         leaves them alone. `strip`, `pack` and `summary` use the hard assignment.
-        Exact (no approximation) and without N x K memory: see `clusterjax/_src/dkm.py`.
+        Never holds an N x K map: tables of many weights interpolate the map from a
+        grid of nodes when its measured error allows (gradients within 1e-4 of the exact
+        ones), and everything else is exact; see `clusterjax/_src/dkm.py`.
       temperature: DKM's tau, in squared weight units (a float > 0), or `None` (the
         default) for `0.5 * (median gap between adjacent sorted centroids)**2` per
         table, recomputed from the warm start at every step. Only with
