@@ -450,47 +450,82 @@ def _grid_error(lo, h, c, tau, occupancy):
     return jnp.maximum(rms, worst / _GRID_MAX_RATIO)
 
 
-def _grid_setup(w, valid, c0, tau, iters):
-    """Everything the grid path needs from the weights, and whether it is accurate."""
+# Weights per chunk of the grid's per-weight passes: their temporaries (cell, position,
+# moment rows, gathered coefficients) stay at tens of MiB whatever the table's size.
+_GRID_CHUNK = 1 << 20
+
+
+def _cubic(r, t):
+    return r[:, 0] + t * (r[:, 1] + t * (r[:, 2] + t * r[:, 3]))
+
+
+def _grid_moments(w, lo, h, x, nodes):
+    """`(T, nodes, 4)` cell moments of the weights, each weighted by `x` (`(T, n)` or
+    `None`), in chunks of weights."""
     tables, n = w.shape
+
+    def body(start, size, acc):
+        cell, t = _locate(_slice(w, start, size), lo, h, nodes)
+        v = None if x is None else _slice(x, start, size).reshape(-1).astype(t.dtype)
+        return acc + _moments(cell, t, v, tables, nodes)
+
+    zero = jnp.zeros((tables, nodes, 4), w.dtype)
+    return _reduce(n, max(1, _GRID_CHUNK // tables), body, zero)
+
+
+def _grid_gather(w, lo, h, coefficients, value):
+    """`(T, n)`: `value(rows, t, start, size)` at every weight, `rows` its cell's entries
+    of `coefficients` `(T, nodes, C)`, in chunks of weights."""
+    tables, n = w.shape
+    nodes, width = coefficients.shape[1:]
+    flat = coefficients.reshape(-1, width)
+
+    def body(start, size, out):
+        cell, t = _locate(_slice(w, start, size), lo, h, nodes)
+        got = value(flat[cell], t, start, size).reshape(tables, size)
+        return jax.lax.dynamic_update_slice_in_dim(out, got.astype(out.dtype), start, 1)
+
+    return _reduce(n, max(1, _GRID_CHUNK // tables), body, jnp.empty(w.shape, w.dtype))
+
+
+def _grid_setup(w, valid, c0, tau, iters):
+    """`(lo, h, d, cs)` (frame, node weights of the valid weights, centroids `c^0..c^T`)
+    and whether the grid is accurate enough for these weights."""
     nodes = _grid_nodes(c0.shape[-1])
     lo, h = _frame(w, nodes)
-    cell, t = _locate(w, lo, h, nodes)
-    v = None if valid is None else valid.reshape(-1).astype(t.dtype)
-    m = _moments(cell, t, v, tables, nodes)
+    m = _grid_moments(w, lo, h, valid, nodes)
     d = _node_weights(m)
     cs = _grid_iterate(d, lo, h, c0, tau, iters)
     ok = jnp.all(_grid_error(lo, h, cs[-1], tau, m[..., 0]) <= _GRID_TOL)
-    return (lo, h, cell, t, d, cs), ok
+    return (lo, h, d, cs), ok
 
 
-def _grid_output(cell, t, d, lo, h, c, tau):
-    """The soft map with centroids `c` at every weight (flat), from its cell's cubic."""
-    _, f, _, slope = _attend(_nodes_x(lo, h, d.shape[1]), c, tau, h)
-    cub = _cubics(jnp.stack([f, slope], axis=-1)).reshape(-1, 4)[cell]
-    return cub[:, 0] + t * (cub[:, 1] + t * (cub[:, 2] + t * cub[:, 3]))
+def _grid_output(w, lo, h, c, tau):
+    """`(T, n)`: the soft map with centroids `c` at every weight, from its cell's cubic."""
+    _, f, _, slope = _attend(_nodes_x(lo, h, _grid_nodes(c.shape[-1])), c, tau, h)
+    return _grid_gather(w, lo, h, _cubics(jnp.stack([f, slope], -1)), lambda r, t, *_: _cubic(r, t))
 
 
 def _grid_backward(w, valid, c0, tau, iters, lo, h, d, g):
     """`d (sum g * soft map) / dw` by the grid, `w` and `g` in the compute dtype."""
-    tables, nodes = d.shape[:2]
-    cell, t = _locate(w, lo, h, nodes)
     # The output's cubics are linear in the node values: their cotangent is the node
     # weights of the upstream gradient's moments; through the centroid iterations (on the
     # nodes only) it becomes the cotangent `e` of the node weights `d`.
-    g_nodes = _node_weights(_moments(cell, t, g.reshape(-1), tables, nodes))
+    g_nodes = _node_weights(_grid_moments(w, lo, h, g, d.shape[1]))
     f, vjp = jax.vjp(lambda d: _grid_values(d, lo, h, c0, tau, iters), d)
     (e,) = vjp(g_nodes)
     # d out_i / d w_i is the soft map's slope at w_i; d (sums) / d w_i the slope of the
     # function whose node values and slopes are `e` (the sums are sums of interpolants of
     # the functions they integrate): both interpolated from node slopes.
-    cub = jnp.concatenate([_slope_cubics(f[..., 1]), _slope_cubics(e[..., 1])], -1)
-    cub = cub.reshape(-1, 8)[cell]
-    own = cub[:, 0] + t * (cub[:, 1] + t * (cub[:, 2] + t * cub[:, 3]))
-    sums = cub[:, 4] + t * (cub[:, 5] + t * (cub[:, 6] + t * cub[:, 7]))
-    if valid is not None:
-        sums = sums * valid.reshape(-1).astype(sums.dtype)
-    return (g.reshape(-1) * own + sums).reshape(w.shape) / h[:, None]
+    slopes = jnp.concatenate([_slope_cubics(f[..., 1]), _slope_cubics(e[..., 1])], -1)
+
+    def value(r, t, start, size):
+        sums = _cubic(r[:, 4:], t)
+        if valid is not None:
+            sums = sums * _slice(valid, start, size).reshape(-1).astype(sums.dtype)
+        return _slice(g, start, size).reshape(-1) * _cubic(r, t) + sums
+
+    return _grid_gather(w, lo, h, slopes, value) / h[:, None]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -502,11 +537,11 @@ def _large_map(w, valid, c0, tau, iters):
 
 def _large_map_fwd(w, valid, c0, tau, iters):
     wc = w.astype(c0.dtype)
-    (lo, h, cell, t, d, cs), ok = _grid_setup(wc, valid, c0, tau, iters)
+    (lo, h, d, cs), ok = _grid_setup(wc, valid, c0, tau, iters)
     k = c0.shape
 
     def grid(_):
-        out = _grid_output(cell, t, d, lo, h, cs[-1], tau).reshape(w.shape).astype(w.dtype)
+        out = _grid_output(wc, lo, h, cs[-1], tau).astype(w.dtype)
         none = jnp.zeros((iters + 1,) + k, c0.dtype)
         return out, (none, none[1:], none[1:])
 
@@ -574,7 +609,7 @@ def centroids_after(w: jax.Array, valid, c0: jax.Array, tau: jax.Array, iters: i
     exact = lambda: _iterate(w, valid, c0, tau, iters)[0][-1]  # noqa: E731
     if not _uses_grid(w.shape[1], c0.shape[-1]):
         return exact()
-    (_, _, _, _, _, cs), ok = _grid_setup(w.astype(c0.dtype), valid, c0, tau, iters)
+    (_, _, _, cs), ok = _grid_setup(w.astype(c0.dtype), valid, c0, tau, iters)
     return jax.lax.cond(ok, lambda: cs[-1], exact)
 
 
