@@ -321,9 +321,9 @@ def test_per_channel_scales_against_numpy():
     spec = cj.ClusterSpec(num_clusters=4, per_channel_scale=True)
     state = cj.init(params, {"w": spec}, key=KEY)
     scales = np.asarray(state.scales["w"])
-    top = np.abs(np.asarray(w)).max(0)
+    rms = np.sqrt(np.mean(np.square(np.asarray(w, np.float64)), axis=0))
     assert scales.dtype == np.float16
-    np.testing.assert_array_equal(scales, np.where(top > 0, top.astype(np.float16), 1))
+    np.testing.assert_array_equal(scales, np.where(rms > 0, rms.astype(np.float16), 1))
     t, idx = np.asarray(state.centroids["w"]), np.asarray(state.indices["w"])
     want = (t[idx] * scales.astype(np.float32)).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(cj.strip(params, state)["w"]), want)

@@ -422,8 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--per-channel-scale",
         action="store_true",
-        help="divide each channel (--channel-axis) by its float16 max |w| before one table "
-        "is fitted",
+        help="divide each channel (--channel-axis) by its float16 root mean square before "
+        "one table is fitted",
     )
     c.add_argument(
         "--rules",

@@ -70,8 +70,8 @@ class ClusterSpec:
         (cluster-preserving QAT), so `clusterjax.strip` gives exactly the values the
         packed file reconstructs.
       per_channel_scale: divide every channel (along `channel_axis`, by default the output
-        channels of a Flax kernel) by its own scale, `max |w|` over the channel rounded to
-        float16, before the table(s) are fitted; the weight is `scale[c] * table[index]`.
+        channels of a Flax kernel) by its own scale, the root mean square of the channel
+        rounded to float16, before the table(s) are fitted; the weight is `scale[c] * table[index]`.
         The scales are fixed at `init` (they live in `ClusterState.scales`) and stored as
         float16.
       assignment: `"hard"` (the default: nearest centroid, straight-through gradient) or
